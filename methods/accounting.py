@@ -1,0 +1,50 @@
+"""Token counts and FLOPs as `shared/reference/methods.md` §1.4 and §1.8 define them.
+
+Per decoder layer the authors count 4*n*d^2 + 2*n^2*d + 3*n*d*m multiply-accumulates,
+with n the full sequence length at the layer input (LM head and ViT excluded). Token
+counts are reported under both conventions: SparseVLM's "equal tokens" (the visual count
+*after* pruning is charged to the pruning layer itself) and the mean of the per-layer
+*input* visual counts (what each layer really processes).
+"""
+
+from __future__ import annotations
+
+
+def layer_flops(n: int, hidden: int, intermediate: int) -> int:
+    return 4 * n * hidden ** 2 + 2 * n * n * hidden + 3 * n * hidden * intermediate
+
+
+def visual_counts_per_layer(num_layers: int, start: int, changes: dict[int, int]) -> tuple[list[int], list[int]]:
+    """(visual count at each layer's input, count charged per layer by the code convention),
+    for a run starting with `start` visual tokens where layer l's output has changes[l]."""
+    inputs, outputs, count = [], [], start
+    for layer in range(num_layers):
+        inputs.append(count)
+        count = changes.get(layer, count)
+        outputs.append(count)
+    return inputs, outputs
+
+
+def run_accounting(num_layers: int, hidden: int, intermediate: int, num_visual: int,
+                   text_tokens: list[int], decisions: list, method: str) -> dict:
+    """Per batch row: equal tokens (both conventions), FLOPs pruned and unpruned.
+
+    text_tokens: per row, the prompt tokens that are not visual. decisions: the prefill's
+    LayerDecision list (FasterVLM's layer -1 applies before the LLM)."""
+    rows = []
+    for row, text in enumerate(text_tokens):
+        start = num_visual
+        changes = {}
+        for d in decisions:
+            if d.layer < 0:
+                start = d.keep_count[row]
+            else:
+                changes[d.layer] = d.keep_count[row] + d.recycled[row]
+        inputs, charged = visual_counts_per_layer(num_layers, start, changes)
+        flops = sum(layer_flops(text + v, hidden, intermediate) for v in inputs)
+        base = num_layers * layer_flops(text + num_visual, hidden, intermediate)
+        rows.append({"equal_tokens": sum(charged) / num_layers,
+                     "mean_layer_input_tokens": sum(inputs) / num_layers,
+                     "visual_per_layer_input": inputs,
+                     "flops": flops, "flops_unpruned": base, "flops_ratio": flops / base})
+    return {"method": method, "rows": rows}

@@ -1,0 +1,198 @@
+"""What to prune, where and how much: the one configuration every stage shares.
+
+`SparseVLMConfig` names a method and its parameters; `resolve()` checks it against a model
+(depth, visual token count) and turns it into the concrete per-layer plan the method runs.
+Errors name the field and the expected values; nothing is silently clamped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+METHODS = ("none", "sparsevlm", "fastervlm", "fastv")
+SPARSEVLM_VARIANTS = ("v1.5", "v1.0", "paper")
+
+# SparseVLM v1.5 (ICML code): visual tokens kept by top-k at layers 2 / 6 / 15.
+V15_PRUNE_LAYERS = (2, 6, 15)
+V15_SCHEDULES = {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)}
+# SparseVLM v1.0 (rank rule, arXiv v1 code): layers and the scripts' (scale, bias) per budget.
+V10_PRUNE_LAYERS = (2, 6, 15, 19)
+V10_PRESETS = {192: (13.5, 0.0), 128: (9.0, 6.0), 64: (0.8, 0.0)}
+# FasterVLM reduction ratios -> kept tokens for 576 patches (144 / 58 / 29).
+FASTERVLM_REDUCTIONS = (0.75, 0.90, 0.95)
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and what is expected."""
+
+
+@dataclass(frozen=True)
+class SparseVLMConfig:
+    """A pruning method and its parameters.
+
+    method: "none" | "sparsevlm" | "fastervlm" | "fastv".
+    budget: the method's token budget. SparseVLM v1.5: the schedule (192/128/96/64);
+        v1.0: picks the scripts' (scale, bias) preset when those are not given; FasterVLM:
+        visual tokens kept; FastV: visual tokens kept after layer K-1 (alternative to R).
+    variant: SparseVLM only: "v1.5" (fixed schedule), "v1.0" (code rank rule
+        keep = min(int(rank*scale + bias), v - 1)) or "paper" (deleted = int(lam*(v - rank))).
+    reduction: FasterVLM only, instead of budget: 0.75 / 0.90 / 0.95 of 576 tokens removed.
+    K, R: FastV only: prune after layer K-1, removing the share R of the visual tokens.
+    prune_layers: SparseVLM only, override the variant's default layers.
+    recycle: SparseVLM token recycling (on in v1.0 / v1.5 / paper, as the authors' code).
+    """
+
+    method: str = "sparsevlm"
+    budget: int | None = None
+    variant: str | None = None
+    scale: float | None = None
+    bias: float | None = None
+    lam: float | None = None
+    reduction: float | None = None
+    K: int = 2
+    R: float | None = None
+    prune_layers: tuple[int, ...] | None = None
+    recycle: bool = True
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SparseVLMConfig":
+        data = dict(data)
+        if data.get("prune_layers") is not None:
+            data["prune_layers"] = tuple(data["prune_layers"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    """The resolved method: which layers prune and by which rule. Model-specific."""
+
+    config: SparseVLMConfig
+    num_layers: int
+    num_visual: int
+    prune_layers: tuple[int, ...] = ()  # decoder layers whose output is pruned
+    schedule: tuple[int, ...] | None = None  # v1.5 top-k per prune layer
+    scale: float | None = None
+    bias: float | None = None
+    lam: float | None = None
+    fastervlm_keep: int | None = None  # FasterVLM visual tokens kept before the LLM
+    fastv_keep: int | None = None  # FastV visual tokens kept after layer K-1
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return self.config.method
+
+    @property
+    def variant(self) -> str | None:
+        return self.config.variant if self.method == "sparsevlm" else None
+
+    @property
+    def uses_rank(self) -> bool:
+        return self.method == "sparsevlm" and self.variant in ("v1.0", "paper")
+
+    @property
+    def recycles(self) -> bool:
+        return self.method == "sparsevlm" and self.config.recycle
+
+    def keep_count(self, layer_position: int, visual_count: int, rank: int | None) -> int:
+        """Visual tokens the top-k keeps at the `layer_position`-th prune layer (SparseVLM, FastV)."""
+        if self.method == "fastv":
+            return min(self.fastv_keep, visual_count)
+        if self.variant == "v1.5":
+            return min(self.schedule[layer_position], visual_count - 1)
+        if self.variant == "v1.0":
+            if visual_count == rank:  # the authors skip the layer: nothing pruned or recycled
+                return visual_count
+            return min(max(int(rank * self.scale + self.bias), 0), visual_count - 1)
+        deleted = int(self.lam * (visual_count - rank))  # paper
+        return visual_count if deleted == 0 else max(visual_count - deleted, 0)
+
+    def trace_method(self) -> dict:
+        """The `method` object of the trace JSON."""
+        c = self.config
+        out = {"name": c.method}
+        if c.method == "sparsevlm":
+            out.update(variant=c.variant, budget=c.budget)
+            if self.uses_rank:
+                out.update(scale=self.scale, bias=self.bias, lam=self.lam)
+        elif c.method == "fastervlm":
+            out.update(budget=self.fastervlm_keep, k=self.fastervlm_keep)
+        elif c.method == "fastv":
+            out.update(budget=self.fastv_keep, K=c.K, R=self.extras["R"])
+        return out
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def resolve(config: SparseVLMConfig, num_layers: int, num_visual: int = 576) -> PrunePlan:
+    """Check `config` against a model with `num_layers` decoder layers and `num_visual`
+    visual tokens, and return the concrete plan."""
+    c = config
+    _require(c.method in METHODS, f"method: expected one of {METHODS}, got {c.method!r}")
+    if c.budget is not None:
+        _require(isinstance(c.budget, int) and c.budget > 0,
+                 f"budget: expected a positive integer, got {c.budget!r}")
+        _require(c.budget <= num_visual,
+                 f"budget: {c.budget} is larger than the model's {num_visual} visual tokens")
+
+    if c.method == "none":
+        return PrunePlan(c, num_layers, num_visual)
+
+    if c.method == "fastervlm":
+        _require((c.budget is None) != (c.reduction is None),
+                 "fastervlm: give exactly one of budget (tokens kept) or reduction (0.75/0.90/0.95)")
+        if c.reduction is not None:
+            _require(0.0 <= c.reduction < 1.0, f"reduction: expected a value in [0, 1), got {c.reduction!r}")
+            keep = round(num_visual * (1.0 - c.reduction))
+        else:
+            keep = c.budget
+        return PrunePlan(c, num_layers, num_visual, fastervlm_keep=keep)
+
+    if c.method == "fastv":
+        _require(isinstance(c.K, int) and 1 <= c.K < num_layers,
+                 f"K: expected 1 <= K < {num_layers} (the model's depth), got {c.K!r}")
+        _require((c.budget is None) != (c.R is None), "fastv: give exactly one of budget or R")
+        if c.R is not None:
+            _require(0.0 <= c.R < 1.0, f"R: expected a value in [0, 1), got {c.R!r}")
+            keep, ratio = round(num_visual * (1.0 - c.R)), c.R
+        else:
+            keep, ratio = c.budget, 1.0 - c.budget / num_visual
+        return PrunePlan(c, num_layers, num_visual, prune_layers=(c.K - 1,), fastv_keep=keep,
+                         extras={"R": ratio})
+
+    # SparseVLM
+    variant = c.variant or "v1.5"
+    _require(variant in SPARSEVLM_VARIANTS,
+             f"variant: expected one of {SPARSEVLM_VARIANTS} for sparsevlm, got {variant!r}")
+    c = SparseVLMConfig(**{**c.to_dict(), "variant": variant,
+                           "prune_layers": tuple(c.prune_layers) if c.prune_layers else None})
+    default_layers = V15_PRUNE_LAYERS if variant == "v1.5" else V10_PRUNE_LAYERS
+    layers = tuple(c.prune_layers) if c.prune_layers else default_layers
+    _require(list(layers) == sorted(set(layers)) and layers[0] >= 0,
+             f"prune_layers: expected increasing non-negative layer indices, got {layers}")
+    _require(layers[-1] < num_layers - 1,
+             f"prune_layers: layer {layers[-1]} is beyond the model depth "
+             f"({num_layers} decoder layers; the last pruning layer must be < {num_layers - 1})")
+    if variant == "v1.5":
+        _require(c.budget in V15_SCHEDULES,
+                 f"budget: SparseVLM v1.5 has schedules for {sorted(V15_SCHEDULES)}, got {c.budget!r}")
+        schedule = V15_SCHEDULES[c.budget]
+        _require(len(schedule) == len(layers),
+                 f"prune_layers: the v1.5 schedule has {len(schedule)} layers, got {len(layers)}")
+        return PrunePlan(c, num_layers, num_visual, prune_layers=layers, schedule=schedule)
+    if variant == "v1.0":
+        scale, bias = c.scale, c.bias
+        if scale is None or bias is None:
+            _require(c.budget in V10_PRESETS,
+                     f"sparsevlm v1.0: give scale and bias, or a budget with a preset {sorted(V10_PRESETS)}")
+            scale, bias = V10_PRESETS[c.budget]
+        return PrunePlan(c, num_layers, num_visual, prune_layers=layers, scale=scale, bias=bias)
+    _require(c.lam is not None and 0.0 < c.lam <= 1.0,
+             f"lam: the paper rule needs 0 < lam <= 1, got {c.lam!r}")
+    return PrunePlan(c, num_layers, num_visual, prune_layers=layers, lam=c.lam)

@@ -1,0 +1,393 @@
+"""The generation loop every backend shares: prompts -> region batch -> vision -> prefill
+segments (choosing keep counts between them) -> decode, recording the trace.
+
+A backend is an *executor* with three calls, each taking and returning dicts of torch
+tensors by name (see `segments.py`): `vision(pixel_values)`, `segment(index, inputs)` and
+`decode(inputs)`. `TorchExecutor` runs the PyTorch modules; the runtime package provides
+ONNX Runtime and TensorRT executors. The decisions between segments (rank, keep counts,
+the width of the next visual region) are made here, once, for every backend.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from . import token_ops
+from .config import PrunePlan
+from .segments import DecodeStep, PrefillSegment, SegmentSpec, VisionEncoder, plan_segments
+
+TRACE_SCHEMA = "sparsevlm-trace/1"
+
+
+class InputError(ValueError):
+    """A prompt or image does not fit the model; the message names the input."""
+
+
+@dataclass
+class RegionBatch:
+    """Prompts split around their image into the fixed-width regions of `segments.py`."""
+
+    prefix_ids: torch.Tensor  # [B, P] left-padded
+    prefix_valid: torch.Tensor
+    text_ids: torch.Tensor  # [B, T] right-padded
+    text_valid: torch.Tensor
+    prompt_lengths: list[int]  # tokens per row with the image expanded to its visual tokens
+
+
+def _image_span(ids: list[int], image_token_id: int, num_visual: int, row: int) -> tuple[int, int]:
+    positions = [i for i, t in enumerate(ids) if t == image_token_id]
+    if not positions:
+        raise InputError(f"prompt {row}: no image token (id {image_token_id}); put the image "
+                         "placeholder (e.g. '<image>') in the prompt")
+    start, count = positions[0], len(positions)
+    contiguous = positions[-1] - start + 1 == count
+    if not contiguous or count not in (1, num_visual):
+        images = "one placeholder" if contiguous else f"{count} placeholders in several places"
+        raise InputError(f"prompt {row}: more image tokens than images ({images}; expected one image "
+                         f"per prompt: a single placeholder or {num_visual} consecutive image tokens)")
+    return start, start + count
+
+
+def make_region_batch(input_ids: list[list[int]], image_token_id: int, num_visual: int,
+                      pad_id: int = 0) -> RegionBatch:
+    """Split each prompt at its image (one placeholder, or the processor's expanded run of
+    `num_visual` image tokens) into a left-padded prefix and a right-padded text."""
+    if not input_ids:
+        raise InputError("input_ids: expected at least one prompt")
+    prefixes, texts, lengths = [], [], []
+    for row, ids in enumerate(input_ids):
+        ids = [int(t) for t in ids]
+        start, stop = _image_span(ids, image_token_id, num_visual, row)
+        if stop == len(ids):
+            raise InputError(f"prompt {row}: nothing follows the image; SparseVLM's raters and the "
+                             "answer position need at least one text token after it")
+        prefixes.append(ids[:start])
+        texts.append(ids[stop:])
+        lengths.append(start + num_visual + len(ids) - stop)
+    prefix_width = max(len(p) for p in prefixes)
+    text_width = max(len(t) for t in texts)
+    batch = len(input_ids)
+    prefix_ids = torch.full((batch, prefix_width), pad_id, dtype=torch.long)
+    prefix_valid = torch.zeros((batch, prefix_width), dtype=torch.bool)
+    text_ids = torch.full((batch, text_width), pad_id, dtype=torch.long)
+    text_valid = torch.zeros((batch, text_width), dtype=torch.bool)
+    for row, (prefix, text) in enumerate(zip(prefixes, texts)):
+        if prefix:
+            prefix_ids[row, prefix_width - len(prefix):] = torch.tensor(prefix)
+            prefix_valid[row, prefix_width - len(prefix):] = True
+        text_ids[row, :len(text)] = torch.tensor(text)
+        text_valid[row, :len(text)] = True
+    return RegionBatch(prefix_ids, prefix_valid, text_ids, text_valid, lengths)
+
+
+def check_pixel_values(pixel_values: torch.Tensor, image_size: int, batch: int) -> None:
+    expected = (batch, 3, image_size, image_size)
+    if not isinstance(pixel_values, torch.Tensor) or tuple(pixel_values.shape) != expected:
+        got = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+        raise InputError(f"pixel_values: expected shape {expected} (one image per prompt), got {got}")
+
+
+# --------------------------------------------------------------------------------------
+# Executors
+# --------------------------------------------------------------------------------------
+
+class TorchExecutor:
+    """Runs the PyTorch modules of `segments.py` (the reference backend)."""
+
+    def __init__(self, model, plan: PrunePlan):
+        self.model, self.plan = model, plan
+        self.specs = plan_segments(plan)
+        self.device = model.device
+        self._vision = VisionEncoder(model, plan)
+        self._segments = [PrefillSegment(model, plan, spec) for spec in self.specs]
+        self._decode = DecodeStep(model, self.specs)
+
+    def _to_device(self, x: dict) -> dict:
+        return {k: v.to(self.device) for k, v in x.items()}
+
+    @torch.inference_mode()
+    def vision(self, pixel_values):
+        return self._vision(pixel_values.to(self.device))
+
+    @torch.inference_mode()
+    def segment(self, index: int, inputs: dict) -> dict:
+        return self._segments[index](self._to_device(inputs))
+
+    @torch.inference_mode()
+    def decode(self, inputs: dict) -> dict:
+        return self._decode(self._to_device(inputs))
+
+
+# --------------------------------------------------------------------------------------
+# Prefill
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class LayerDecision:
+    """What one pruning layer decided, per batch row (the trace's `layers[]` entry)."""
+
+    layer: int
+    kept_indices: list[list[int]]
+    keep_count: list[int]
+    rank: list[int | None]
+    recycled: list[int]
+    visual_in: list[int]  # visual tokens entering the layer
+    width: int = 0  # visual region width chosen for the next segment
+
+    def to_json(self) -> dict:
+        return {"layer": self.layer, "kept_indices": self.kept_indices, "keep_count": self.keep_count,
+                "rank": self.rank, "recycled": self.recycled}
+
+
+@dataclass
+class SegmentCache:
+    key_valid: torch.Tensor  # [B, S]
+    next_position: torch.Tensor  # [B]
+    kv: dict  # layer -> (key, value)
+
+
+@dataclass
+class PrefillResult:
+    logits: torch.Tensor  # [B, vocab] at each row's last prompt token
+    caches: list[SegmentCache]
+    decisions: list[LayerDecision]
+    segment_lengths: list[list[int]]  # per segment: valid tokens per row entering its layers
+    segment_widths: list[int]  # per segment: padded sequence width
+    timings: dict = field(default_factory=dict)
+
+
+def _keep_decisions(plan: PrunePlan, position: int, out: dict, rater_mask):
+    """Rank (rank rules) and keep count per row after the `position`-th pruning layer."""
+    visual_valid = out["visual_valid"]
+    counts = visual_valid.sum(dim=1).tolist()
+    ranks = [None] * len(counts)
+    if plan.uses_rank:
+        rank_t, _ = token_ops.rank_keep_count(out["rater_attention"].float().cpu(), rater_mask.cpu(),
+                                              visual_valid.cpu(), lambda rank, v: 0)
+        ranks = rank_t.tolist()
+    keeps = [plan.keep_count(position, v, r) for v, r in zip(counts, ranks)]
+    return counts, ranks, keeps
+
+
+def prefill(executor, plan: PrunePlan, batch: RegionBatch, pixel_values: torch.Tensor,
+            on_segment: Callable[[int, dict], None] | None = None) -> PrefillResult:
+    """Vision + prefill segments. Between segments, picks each row's keep count and the next
+    visual width W = max over rows of (kept + recycled); `on_segment(index, info)` sees it."""
+    specs: list[SegmentSpec] = plan_segments(plan)
+    timings = {}
+    t0 = time.perf_counter()
+    vision = executor.vision(pixel_values)
+    timings["vision"] = time.perf_counter() - t0
+    rows = batch.prefix_ids.shape[0]
+    num_visual = vision["visual"].shape[1]
+    decisions: list[LayerDecision] = []
+    if plan.method == "fastervlm":
+        kept = vision["kept_indices"].cpu().tolist()
+        decisions.append(LayerDecision(-1, kept, [len(k) for k in kept], [None] * rows, [0] * rows,
+                                       [plan.num_visual] * rows, len(kept[0])))
+        visual_ids = [list(k) for k in kept]
+    else:
+        visual_ids = [list(range(num_visual)) for _ in range(rows)]
+    next_id = [plan.num_visual] * rows  # recycled tokens take ids 576, 577, ... per row
+
+    inputs = {"prefix_ids": batch.prefix_ids, "prefix_valid": batch.prefix_valid, "visual": vision["visual"],
+              "text_ids": batch.text_ids, "text_valid": batch.text_valid}
+    caches, lengths, widths = [], [], []
+    rater_mask = None
+    t0 = time.perf_counter()
+    for spec in specs:
+        if spec.index > 0:
+            prev, position = out, spec.index - 1
+            inputs = {"hidden": prev["hidden"], "prefix_valid": batch.prefix_valid,
+                      "visual_valid": prev["visual_valid"], "text_valid": batch.text_valid,
+                      "scores": prev["scores"]}
+            if plan.method == "sparsevlm":
+                counts, ranks, keeps = _keep_decisions(plan, position, prev, rater_mask)
+                recycled = [token_ops.recycled_count(v - k) if plan.recycles else 0 for v, k in zip(counts, keeps)]
+                width = max(k + c for k, c in zip(keeps, recycled))
+                inputs.update(rater_mask=rater_mask, keep_count=torch.tensor(keeps, dtype=torch.long),
+                              visual_width=torch.zeros(width, dtype=torch.long))
+            else:  # fastv
+                counts = prev["visual_valid"].sum(1).tolist()
+                keeps = [min(plan.fastv_keep, v) for v in counts]
+                ranks, recycled, width = [None] * rows, [0] * rows, plan.fastv_keep
+                inputs["positions"] = prev["positions"]
+            decision = LayerDecision(plan.prune_layers[position], [], keeps, ranks, recycled, counts, width)
+            if on_segment is not None:
+                on_segment(spec.index, {"decision": decision, "inputs": inputs})
+        out = executor.segment(spec.index, inputs)
+        if spec.index == 0 and "rater_mask" in out:
+            rater_mask = out["rater_mask"]
+        if spec.index > 0:
+            visual_ids = _update_visual_ids(visual_ids, out["kept_source"].cpu().tolist(), num_visual, next_id, decision)
+            decisions.append(decision)
+            num_visual = out["kept_source"].shape[1]
+        if spec.ends_at_prune_layer:
+            num_visual = out["visual_valid"].shape[1]
+        key_valid = out["key_valid"]
+        kv = {layer: (out[f"present.{layer}.key"], out[f"present.{layer}.value"]) for layer in spec.layers}
+        caches.append(SegmentCache(key_valid, out["next_position"], kv))
+        lengths.append(key_valid.sum(dim=1).tolist())
+        widths.append(key_valid.shape[1])
+    timings["prefill"] = time.perf_counter() - t0
+    return PrefillResult(out["logits"], caches, decisions, lengths, widths, timings)
+
+
+def _update_visual_ids(visual_ids, sources, num_visual, next_id, decision: LayerDecision):
+    """Map each row's new visual slots to token ids; record kept ids in `decision`."""
+    new_ids = []
+    for row, (ids, slots) in enumerate(zip(visual_ids, sources)):
+        kept = [ids[s] for s in slots if 0 <= s < num_visual]
+        merged = [next_id[row] + (s - num_visual) for s in slots if s >= num_visual]
+        next_id[row] += len(merged)
+        decision.kept_indices.append(kept)
+        new_ids.append(kept + merged)
+    return new_ids
+
+
+# --------------------------------------------------------------------------------------
+# Decode
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens: expected >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise InputError(f"temperature: expected >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"top_p: expected a value in (0, 1], got {self.top_p}")
+
+
+def choose_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """Greedy argmax, or temperature + top-p (nucleus) sampling with a seeded generator."""
+    logits = logits.float().cpu()
+    if params.temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs > params.top_p  # keep the first token always
+    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+    choice = torch.multinomial(sorted_probs / sorted_probs.sum(-1, keepdim=True), 1, generator=generator)
+    return torch.gather(order, 1, choice)[:, 0]
+
+
+def decode_tokens(executor, specs: list[SegmentSpec], result: PrefillResult, params: SamplingParams,
+                  pad_id: int = 0) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, step by step (the first comes from the prefill
+    logits). A finished row (it produced a stop token) keeps yielding `pad_id`."""
+    generator = None
+    if params.temperature > 0:
+        generator = torch.Generator().manual_seed(0 if params.seed is None else params.seed)
+    caches = result.caches
+    logits = result.logits
+    finished = torch.zeros(logits.shape[0], dtype=torch.bool)
+    for step in range(params.max_new_tokens):
+        tokens = choose_tokens(logits, params, generator)
+        tokens = torch.where(finished, torch.full_like(tokens, pad_id), tokens)
+        yield tokens
+        finished |= torch.isin(tokens, torch.tensor(params.stop_token_ids, dtype=tokens.dtype))
+        if step == params.max_new_tokens - 1 or bool(finished.all()):
+            return
+        inputs = {"token_ids": tokens[:, None]}
+        for spec, cache in zip(specs, caches):
+            inputs[f"key_valid.{spec.index}"] = cache.key_valid
+            inputs[f"position.{spec.index}"] = cache.next_position
+            for layer, (key, value) in cache.kv.items():
+                inputs[f"past.{layer}.key"], inputs[f"past.{layer}.value"] = key, value
+        out = executor.decode(inputs)
+        logits = out["logits"]
+        for cache in caches:
+            cache.key_valid = torch.cat([cache.key_valid, torch.ones_like(cache.key_valid[:, :1])], dim=1)
+            cache.next_position = cache.next_position + 1
+            for layer, (key, value) in cache.kv.items():
+                cache.kv[layer] = (torch.cat([key, out[f"present.{layer}.key"]], dim=2),
+                                   torch.cat([value, out[f"present.{layer}.value"]], dim=2))
+
+
+# --------------------------------------------------------------------------------------
+# Trace
+# --------------------------------------------------------------------------------------
+
+def make_trace(plan: PrunePlan, result: PrefillResult, tokens: list[list[int]]) -> dict:
+    """The trace JSON of DESIGN.md / trace_schema.md for one run."""
+    layers = [] if plan.method == "none" else [d.to_json() for d in result.decisions]
+    return {"schema": TRACE_SCHEMA, "method": plan.trace_method(), "layers": layers,
+            "greedy_tokens": tokens, "logits_last": result.logits.float().cpu().tolist()}
+
+
+def validate_trace(trace: dict) -> None:
+    """Raise ValueError unless `trace` follows the sparsevlm-trace/1 schema."""
+    def need(ok, what):
+        if not ok:
+            raise ValueError(f"trace: {what}")
+    need(isinstance(trace, dict) and trace.get("schema") == TRACE_SCHEMA, f"schema must be {TRACE_SCHEMA!r}")
+    need(set(trace) == {"schema", "method", "layers", "greedy_tokens", "logits_last"}, "unexpected or missing keys")
+    method = trace["method"]
+    need(isinstance(method, dict) and method.get("name") in ("none", "sparsevlm", "fastervlm", "fastv"),
+         "method.name must be none/sparsevlm/fastervlm/fastv")
+    rows = len(trace["greedy_tokens"])
+    need(rows >= 1 and len(trace["logits_last"]) == rows, "greedy_tokens and logits_last need one entry per row")
+    need(len({len(r) for r in trace["logits_last"]}) == 1, "logits_last rows must have the vocabulary size")
+    for entry in trace["layers"]:
+        need(set(entry) == {"layer", "kept_indices", "keep_count", "rank", "recycled"}, f"layer entry keys {sorted(entry)}")
+        need(isinstance(entry["layer"], int), "layer must be an int")
+        for key in ("kept_indices", "keep_count", "rank", "recycled"):
+            need(len(entry[key]) == rows, f"layer {entry['layer']}: {key} needs one entry per row")
+        for kept, count in zip(entry["kept_indices"], entry["keep_count"]):
+            need(kept == sorted(kept) and len(set(kept)) == len(kept), "kept_indices must be ascending and unique")
+            need(count == len(kept), "keep_count must equal len(kept_indices)")
+        need(all(r is None or isinstance(r, int) for r in entry["rank"]), "rank entries must be int or null")
+    need(all(isinstance(t, int) for row in trace["greedy_tokens"] for t in row), "greedy_tokens must be ints")
+    np.asarray(trace["logits_last"], dtype=np.float64)  # numeric
+
+
+# --------------------------------------------------------------------------------------
+# One call: prompts + images -> tokens, trace, accounting
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class GenerationOutput:
+    sequences: torch.Tensor  # [B, N] generated tokens (pad_id after a row stopped)
+    trace: dict  # sparsevlm-trace/1
+    accounting: dict  # token counts and FLOPs per row (accounting.py)
+    timings: dict  # seconds: vision, prefill, decode
+    profiles: list = field(default_factory=list)  # per segment: the profile the runtime chose
+
+
+def generate(executor, plan: PrunePlan, input_ids: list[list[int]], pixel_values: torch.Tensor, *,
+             image_token_id: int, image_size: int, text_config, params: SamplingParams,
+             pad_id: int = 0, on_token: Callable[[int, torch.Tensor], None] | None = None,
+             on_segment: Callable[[int, dict], None] | None = None) -> GenerationOutput:
+    """Run the method end to end on `executor`. `on_token(step, tokens[B])` streams tokens."""
+    from .accounting import run_accounting
+
+    batch = make_region_batch(input_ids, image_token_id, plan.num_visual, pad_id)
+    check_pixel_values(pixel_values, image_size, len(input_ids))
+    result = prefill(executor, plan, batch, pixel_values, on_segment)
+    steps = []
+    t0 = time.perf_counter()
+    for step, tokens in enumerate(decode_tokens(executor, plan_segments(plan), result, params, pad_id)):
+        steps.append(tokens)
+        if on_token is not None:
+            on_token(step, tokens)
+    timings = dict(result.timings, decode=time.perf_counter() - t0, decode_steps=len(steps))
+    sequences = torch.stack(steps, dim=1)
+    trace = make_trace(plan, result, sequences.tolist())
+    text_tokens = [length - plan.num_visual for length in batch.prompt_lengths]
+    accounting = run_accounting(text_config.num_hidden_layers, text_config.hidden_size,
+                                text_config.intermediate_size, plan.num_visual, text_tokens,
+                                result.decisions, plan.method)
+    return GenerationOutput(sequences, trace, accounting, timings)

@@ -1,0 +1,155 @@
+"""LLaVA building blocks the methods run on, written over transformers' own modules.
+
+We call the checkpoint's submodules (projections, norms, MLPs, rotary embedding) and do the
+attention arithmetic here, so that (1) masks and position ids are explicit per batch row,
+(2) the attention rows a method scores are computed alone (q_rows @ K^T), leaving every
+attention call on SDPA, and (3) the same code traces to ONNX.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint is not a LLaVA-1.5-style model (CLIP vision tower + Llama LM)."""
+
+
+def check_architecture(model) -> None:
+    cfg = model.config
+    if cfg.model_type != "llava":
+        raise UnsupportedModelError(f"model: expected a LLaVA checkpoint (model_type 'llava'), got {cfg.model_type!r}")
+    if cfg.vision_config.model_type != "clip_vision_model":
+        raise UnsupportedModelError(f"model: expected a CLIP vision tower, got {cfg.vision_config.model_type!r}")
+    if cfg.text_config.model_type != "llama":
+        raise UnsupportedModelError(f"model: expected a Llama language model, got {cfg.text_config.model_type!r}")
+    if cfg.vision_feature_select_strategy != "default" or not isinstance(cfg.vision_feature_layer, int):
+        raise UnsupportedModelError("model: only vision_feature_select_strategy='default' with one "
+                                    "vision_feature_layer (LLaVA-1.5) is supported")
+
+
+def num_visual_tokens(model) -> int:
+    vc = model.config.vision_config
+    return (vc.image_size // vc.patch_size) ** 2
+
+
+# --------------------------------------------------------------------------------------
+# Vision tower
+# --------------------------------------------------------------------------------------
+
+def _cls_attention(layer, hidden: torch.Tensor) -> torch.Tensor:
+    """Head-mean post-softmax attention of the [CLS] query in CLIP `layer`: [B, N] (patches)."""
+    attn = layer.self_attn
+    x = layer.layer_norm1(hidden)
+    batch, tokens, _ = x.shape
+    q = attn.q_proj(x[:, :1]).view(batch, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(batch, tokens, attn.num_heads, attn.head_dim).transpose(1, 2)
+    probs = torch.softmax((q @ k.transpose(-1, -2)).float() * attn.scale, dim=-1)  # [B, H, 1, N+1]
+    return probs.mean(dim=1)[:, 0, 1:]
+
+
+def encode_image(model, pixel_values: torch.Tensor, with_cls_scores: bool = False):
+    """Projected patch features [B, N, D_text] as LLaVA computes them, and optionally
+    FasterVLM's [CLS] scores [B, N] from the same vision layer (float32)."""
+    tower = model.model.vision_tower
+    vision = getattr(tower, "vision_model", tower)  # transformers 5 flattened CLIPVisionModel
+    layers = vision.encoder.layers
+    feature_layer = model.config.vision_feature_layer
+    layers_run = feature_layer if feature_layer >= 0 else len(layers) + 1 + feature_layer
+    hidden = vision.pre_layrnorm(vision.embeddings(pixel_values.to(vision.embeddings.patch_embedding.weight.dtype)))
+    cls_scores = None
+    for index in range(layers_run):
+        if with_cls_scores and index == layers_run - 1:
+            cls_scores = _cls_attention(layers[index], hidden)
+        hidden = layers[index](hidden, None)
+    features = model.model.multi_modal_projector(hidden[:, 1:])  # 'default': drop [CLS]
+    return features, cls_scores
+
+
+# --------------------------------------------------------------------------------------
+# Language model
+# --------------------------------------------------------------------------------------
+
+def language_model(model):
+    return model.model.language_model
+
+
+def prefill_mask(key_valid: torch.Tensor) -> torch.Tensor:
+    """[B, 1, S, S] bool: causal attention over valid keys. A padding query also sees itself,
+    so no softmax row is empty; padding rows are never read by valid ones."""
+    seq = key_valid.shape[1]
+    idx = torch.arange(seq, device=key_valid.device)
+    causal = idx[None, :] <= idx[:, None]
+    return ((causal[None] & key_valid[:, None, :]) | torch.eye(seq, dtype=torch.bool, device=key_valid.device)[None])[:, None]
+
+
+def decode_mask(past_valid: torch.Tensor) -> torch.Tensor:
+    """[B, 1, 1, S+1] bool: the new token sees the valid past keys and itself."""
+    ones = torch.ones_like(past_valid[:, :1])
+    return torch.cat([past_valid, ones], dim=1)[:, None, None, :]
+
+
+def positions_from_valid(key_valid: torch.Tensor) -> torch.Tensor:
+    """Contiguous positions 0..n-1 over each row's valid tokens (padding gets 0)."""
+    return (torch.cumsum(key_valid.long(), dim=1) - 1).clamp_min(0)
+
+
+def rotary(model, hidden: torch.Tensor, position_ids: torch.Tensor):
+    return language_model(model).rotary_emb(hidden, position_ids)
+
+
+def decoder_layer(layer, hidden, cos, sin, mask, past=None, score_rows: tuple[int, int] | None = None):
+    """One Llama decoder layer with explicit mask and rotary tables.
+
+    past: optional (key, value) [B, H_kv, S_past, hd] for decoding.
+    score_rows: (start, stop) of query rows whose head-mean post-softmax attention
+        [B, stop-start, S_keys] (float32) is also returned. Only those rows are computed.
+    Returns (hidden, (key, value) of this call's tokens, probs or None).
+    """
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    batch, seq, _ = x.shape
+    shape = (batch, seq, -1, attn.head_dim)
+    q = attn.q_proj(x).view(shape).transpose(1, 2)
+    k = attn.k_proj(x).view(shape).transpose(1, 2)
+    v = attn.v_proj(x).view(shape).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+    keys_r = repeat_kv(keys, attn.num_key_value_groups)
+    values_r = repeat_kv(values, attn.num_key_value_groups)
+    out = F.scaled_dot_product_attention(q, keys_r, values_r, attn_mask=mask, scale=attn.scaling)
+
+    probs = None
+    if score_rows is not None:
+        start, stop = score_rows
+        logits = (q[:, :, start:stop] @ keys_r.transpose(-1, -2)).float() * attn.scaling
+        logits = logits.masked_fill(~mask[:, :, start:stop], float("-inf"))
+        probs = torch.softmax(logits, dim=-1).mean(dim=1)
+
+    hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+    hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return hidden, (k, v), probs
+
+
+def select_raters(visual: torch.Tensor, text: torch.Tensor, text_valid: torch.Tensor) -> torch.Tensor:
+    """SparseVLM text raters from the layer-0 inputs: bool [B, T].
+
+    M = H_v H_t^T (unscaled); softmax over the text axis; mean over visual rows; raters are
+    the text tokens with r_j > mean(r) (strict, as the authors' code). A row whose scores are
+    all equal (e.g. one text token) has no rater by that rule; it then uses all its text
+    tokens, where the authors' code would average over an empty set (NaN).
+    """
+    logits = (visual.float() @ text.float().transpose(1, 2)).masked_fill(~text_valid[:, None, :], float("-inf"))
+    relevance = torch.softmax(logits, dim=-1).mean(dim=1)  # [B, T]
+    count = text_valid.sum(dim=1, keepdim=True).clamp_min(1)
+    mean = torch.where(text_valid, relevance, torch.zeros_like(relevance)).sum(1, keepdim=True) / count
+    raters = (relevance > mean) & text_valid
+    return torch.where(raters.any(dim=1, keepdim=True), raters, text_valid)
+
+
+def last_logits(model, hidden: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
+    """LM-head logits [B, vocab] (float32) at each row's position `last_index[b]`."""
+    rows = torch.gather(hidden, 1, last_index[:, None, None].expand(-1, 1, hidden.shape[2]))
+    return model.lm_head(language_model(model).norm(rows))[:, 0].float()

@@ -1,0 +1,242 @@
+"""The sparsified LLaVA as the modules that run (eager) and get exported (ONNX): the vision
+graph, the prefill split into segments at the pruning layers, and one decode step.
+
+Batch layout. Every row is laid out in three regions of fixed width across the batch:
+
+    [ prefix (left-padded) | visual region | text (right-padded) ]
+
+so the visual span sits at the same columns in every row, whatever the prompt lengths. A
+pruning step rebuilds only the visual region, per row, as [kept | merged | padding]; masks
+mark the padding. Padding keys are never attended to, so each row computes exactly what a
+batch-1 run computes.
+
+Segment i runs decoder layers `first_layer..last_layer`. Segment 0 embeds the prompt;
+segment i > 0 starts by pruning the visual region with the keep counts the caller chose
+after segment i-1 (SparseVLM: TokenRecycle + TokenPrune; FastV: TopKTokenSelect). A segment
+that ends at a pruning layer outputs the visual scores (and the rater attention block for
+the rank rules); the last segment outputs the logits at each row's last prompt token.
+Tensors go in and out by name (`*_NAMES` below), which become the ONNX graph's names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import modeling, token_ops
+from .config import PrunePlan
+
+
+@dataclass(frozen=True)
+class SegmentSpec:
+    index: int
+    first_layer: int
+    last_layer: int  # inclusive
+    ends_at_prune_layer: bool
+
+    @property
+    def layers(self) -> range:
+        return range(self.first_layer, self.last_layer + 1)
+
+
+def plan_segments(plan: PrunePlan) -> list[SegmentSpec]:
+    """Split the decoder at the plan's pruning layers (each closes a segment)."""
+    specs, start = [], 0
+    for index, layer in enumerate(plan.prune_layers):
+        specs.append(SegmentSpec(index, start, layer, True))
+        start = layer + 1
+    specs.append(SegmentSpec(len(specs), start, plan.num_layers - 1, False))
+    return specs
+
+
+def segment_input_names(plan: PrunePlan, spec: SegmentSpec) -> list[str]:
+    if spec.index == 0:
+        return ["prefix_ids", "prefix_valid", "visual", "text_ids", "text_valid"]
+    names = ["hidden", "prefix_valid", "visual_valid", "text_valid", "scores"]
+    if plan.method == "sparsevlm":
+        return names + ["rater_mask", "keep_count", "visual_width"]
+    return names + ["positions"]  # fastv keeps the original positions
+
+
+def segment_output_names(plan: PrunePlan, spec: SegmentSpec) -> list[str]:
+    names = []
+    if spec.index > 0:
+        names.append("kept_source")
+    if spec.ends_at_prune_layer:
+        names += ["hidden", "visual_valid", "scores"]
+        if plan.method == "sparsevlm" and spec.index == 0:
+            names.append("rater_mask")
+        if plan.uses_rank:
+            names.append("rater_attention")
+        if plan.method == "fastv":
+            names.append("positions")
+    else:
+        names.append("logits")
+    names += ["key_valid", "next_position"]
+    for layer in spec.layers:
+        names += [f"present.{layer}.key", f"present.{layer}.value"]
+    return names
+
+
+class VisionEncoder(nn.Module):
+    """pixel_values [B, 3, H, W] -> visual [B, V, D] (FasterVLM: the kept V = k tokens and
+    their patch indices `kept_indices` [B, k])."""
+
+    def __init__(self, model, plan: PrunePlan, ops=token_ops):
+        super().__init__()
+        self.model, self.plan, self.ops = model, plan, ops
+
+    def output_names(self) -> list[str]:
+        return ["visual", "kept_indices"] if self.plan.method == "fastervlm" else ["visual"]
+
+    def forward(self, pixel_values: torch.Tensor):
+        fastervlm = self.plan.method == "fastervlm"
+        features, cls_scores = modeling.encode_image(self.model, pixel_values, with_cls_scores=fastervlm)
+        if not fastervlm:
+            return {"visual": features}
+        visual, kept = self.ops.topk_token_select(features, cls_scores.to(features.dtype), self.plan.fastervlm_keep)
+        return {"visual": visual, "kept_indices": kept}
+
+
+class PrefillSegment(nn.Module):
+    """One prefill segment; `forward(inputs: dict) -> dict` with the names above."""
+
+    def __init__(self, model, plan: PrunePlan, spec: SegmentSpec, ops=token_ops):
+        super().__init__()
+        self.model, self.plan, self.spec, self.ops = model, plan, spec, ops
+        self.input_names = segment_input_names(plan, spec)
+        self.output_names = segment_output_names(plan, spec)
+
+    def _embed_prompt(self, x):
+        embed = modeling.language_model(self.model).embed_tokens
+        prefix, text = embed(x["prefix_ids"]), embed(x["text_ids"])
+        visual = x["visual"].to(prefix.dtype)
+        visual_valid = torch.ones_like(visual[:, :, 0], dtype=torch.bool)
+        state = {"hidden": torch.cat([prefix, visual, text], dim=1), "visual_valid": visual_valid}
+        if self.plan.method == "sparsevlm":
+            state["rater_mask"] = modeling.select_raters(visual, text, x["text_valid"])
+        return state
+
+    def _prune(self, x):
+        """Rebuild the visual region of `x["hidden"]` with the caller's keep counts."""
+        widths = [x["prefix_valid"].shape[1], x["visual_valid"].shape[1]]
+        hidden = x["hidden"]
+        prefix = hidden[:, :widths[0]]
+        visual = hidden[:, widths[0]:widths[0] + widths[1]]
+        text = hidden[:, widths[0] + widths[1]:]
+        state = {}
+        if self.plan.method == "fastv":
+            visual, kept = self.ops.topk_token_select(visual, x["scores"], self.plan.fastv_keep)
+            positions = x["positions"]
+            visual_positions = torch.gather(positions[:, widths[0]:widths[0] + widths[1]], 1, kept)
+            state["positions"] = torch.cat(
+                [positions[:, :widths[0]], visual_positions, positions[:, widths[0] + widths[1]:]], dim=1)
+            state["visual_valid"] = torch.ones_like(kept, dtype=torch.bool)
+        else:
+            if self.plan.recycles:
+                merged, merged_valid = self.ops.token_recycle(visual, x["scores"], x["visual_valid"], x["keep_count"])
+            else:
+                merged, merged_valid = visual[:, :0], x["visual_valid"][:, :0]
+            visual, state["visual_valid"], kept = self.ops.token_prune(
+                visual, x["scores"], x["visual_valid"], x["keep_count"], merged, merged_valid, x["visual_width"])
+            state["rater_mask"] = x["rater_mask"]
+        state["hidden"] = torch.cat([prefix, visual, text], dim=1)
+        state["kept_source"] = kept
+        return state
+
+    def forward(self, x: dict) -> dict:
+        plan, spec, model = self.plan, self.spec, self.model
+        state = self._embed_prompt(x) if spec.index == 0 else self._prune(x)
+        prefix_width, text_width = x["prefix_valid"].shape[1], x["text_valid"].shape[1]
+        visual_width = state["visual_valid"].shape[1]
+        key_valid = torch.cat([x["prefix_valid"], state["visual_valid"], x["text_valid"]], dim=1)
+        positions = state.get("positions")
+        if positions is None:  # SparseVLM renumbers compactly; a fresh prompt counts from 0
+            positions = modeling.positions_from_valid(key_valid)
+
+        hidden = state["hidden"]
+        cos, sin = modeling.rotary(model, hidden, positions)
+        mask = modeling.prefill_mask(key_valid)
+        text_start = prefix_width + visual_width
+        out = {}
+        probs = None
+        for layer_index in spec.layers:
+            score_rows = (text_start, text_start + text_width) \
+                if spec.ends_at_prune_layer and layer_index == spec.last_layer else None
+            layer = modeling.language_model(model).layers[layer_index]
+            hidden, (key, value), layer_probs = modeling.decoder_layer(layer, hidden, cos, sin, mask, score_rows=score_rows)
+            probs = layer_probs if layer_probs is not None else probs
+            out[f"present.{layer_index}.key"], out[f"present.{layer_index}.value"] = key, value
+
+        last_text = x["text_valid"].long().sum(dim=1) - 1  # each row's last prompt token
+        if spec.ends_at_prune_layer:
+            visual_attention = probs[:, :, prefix_width:text_start]  # [B, T, V] float32
+            if plan.method == "sparsevlm":
+                raters = state["rater_mask"]
+                weights = raters.float()[:, :, None]
+                scores = (visual_attention * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+                if spec.index == 0:
+                    out["rater_mask"] = raters
+                if plan.uses_rank:
+                    out["rater_attention"] = visual_attention
+            else:  # FastV: the last prompt token's row
+                row = last_text[:, None, None].expand(-1, 1, visual_attention.shape[2])
+                scores = torch.gather(visual_attention, 1, row)[:, 0]
+                out["positions"] = positions
+            out.update(hidden=hidden, visual_valid=state["visual_valid"], scores=scores.to(hidden.dtype))
+        else:
+            out["logits"] = modeling.last_logits(model, hidden, text_start + last_text)
+        if spec.index > 0:
+            out["kept_source"] = state["kept_source"]
+        out["key_valid"] = key_valid
+        out["next_position"] = positions.masked_fill(~key_valid, -1).amax(dim=1) + 1
+        return out
+
+
+def decode_input_names(specs: list[SegmentSpec]) -> list[str]:
+    names = ["token_ids"]
+    for spec in specs:
+        names += [f"key_valid.{spec.index}", f"position.{spec.index}"]
+    for spec in specs:
+        for layer in spec.layers:
+            names += [f"past.{layer}.key", f"past.{layer}.value"]
+    return names
+
+
+def decode_output_names(specs: list[SegmentSpec]) -> list[str]:
+    names = ["logits"]
+    for spec in specs:
+        for layer in spec.layers:
+            names += [f"present.{layer}.key", f"present.{layer}.value"]
+    return names
+
+
+class DecodeStep(nn.Module):
+    """One generated token through every layer, each segment's layers with their own cache
+    (its length, validity mask and the new token's position).
+
+    Inputs: token_ids [B, 1]; per segment s: key_valid.s [B, S_s], position.s [B]; per layer
+    past.l.key/value [B, H_kv, S_s, hd]. Outputs: logits [B, vocab] and this step's
+    present.l.key/value [B, H_kv, 1, hd] (the caller appends them)."""
+
+    def __init__(self, model, specs: list[SegmentSpec]):
+        super().__init__()
+        self.model, self.specs = model, specs
+        self.input_names = decode_input_names(specs)
+        self.output_names = decode_output_names(specs)
+
+    def forward(self, x: dict) -> dict:
+        lm = modeling.language_model(self.model)
+        hidden = lm.embed_tokens(x["token_ids"])
+        out = {}
+        for spec in self.specs:
+            cos, sin = modeling.rotary(self.model, hidden, x[f"position.{spec.index}"][:, None])
+            mask = modeling.decode_mask(x[f"key_valid.{spec.index}"])
+            for layer_index in spec.layers:
+                past = (x[f"past.{layer_index}.key"], x[f"past.{layer_index}.value"])
+                hidden, (key, value), _ = modeling.decoder_layer(lm.layers[layer_index], hidden, cos, sin, mask, past=past)
+                out[f"present.{layer_index}.key"], out[f"present.{layer_index}.value"] = key, value
+        out["logits"] = self.model.lm_head(lm.norm(hidden))[:, 0].float()
+        return out
