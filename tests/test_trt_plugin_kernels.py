@@ -1,0 +1,282 @@
+"""The TensorRT plugins' kernel logic, run on the CPU, against the PyTorch reference.
+
+Every plugin kernel does its per-element work in `__host__ __device__` functions
+(`trt_plugins/<Op>/<op>.h`); `trt_plugins/tests/host_ops.cpp` runs those same functions
+serially behind a C ABI. This file compiles it with the system C++ compiler and compares it
+with `sparsevlm.methods.token_ops` in float32, including the edge cases of the contract
+(k = 0, k = N, tied scores, rank-deficient blocks, rows with different keep counts).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sparsevlm.methods import token_ops
+
+PLUGIN_DIR = Path(__file__).resolve().parents[1] / "trt_plugins"
+
+
+@pytest.fixture(scope="module")
+def host_ops(tmp_path_factory) -> ctypes.CDLL:
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no C++ compiler (g++ / c++) on PATH to build trt_plugins/tests/host_ops.cpp")
+    library = tmp_path_factory.mktemp("host_ops") / "libsparsevlm_host_ops.so"
+    subprocess.run([compiler, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC",
+                    str(PLUGIN_DIR / "tests" / "host_ops.cpp"), "-o", str(library)], check=True)
+    return ctypes.CDLL(str(library))
+
+
+def _ptr(array: np.ndarray) -> ctypes.c_void_p:
+    assert array.flags.c_contiguous
+    return ctypes.c_void_p(array.ctypes.data)
+
+
+def _i64(*values: int) -> list[ctypes.c_int64]:
+    return [ctypes.c_int64(v) for v in values]
+
+
+# ---------------------------------------------------------------------------------------------
+# TopKTokenSelect
+
+
+def run_topk(lib, tokens: torch.Tensor, scores: torch.Tensor, k: int):
+    batch, num_tokens, dim = tokens.shape
+    tokens_np, scores_np = tokens.numpy().copy(), scores.numpy().copy()
+    selected = np.full((batch, k, dim), np.nan, dtype=np.float32)
+    indices = np.full((batch, k), -7, dtype=np.int64)
+    lib.sparsevlm_topk_token_select(_ptr(tokens_np), _ptr(scores_np), _ptr(selected), _ptr(indices),
+                                    *_i64(batch, num_tokens, dim, k))
+    return torch.from_numpy(selected), torch.from_numpy(indices)
+
+
+@pytest.mark.parametrize("k", [0, 1, 7, 20])
+def test_topk_token_select_matches_reference(host_ops, k):
+    generator = torch.Generator().manual_seed(k)
+    tokens = torch.randn(3, 20, 5, generator=generator)
+    scores = torch.randn(3, 20, generator=generator)
+    selected, indices = run_topk(host_ops, tokens, scores, k)
+    want_selected, want_indices = token_ops.topk_token_select(tokens, scores, k)
+    assert torch.equal(indices, want_indices)
+    assert torch.equal(selected, want_selected)
+
+
+def test_topk_token_select_ties_keep_the_lower_index(host_ops):
+    scores = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, 2.0]])
+    tokens = torch.arange(6, dtype=torch.float32).reshape(1, 6, 1)
+    # Hand-computed: the 3s at slots 1, 2, 4, then the first 2 (slot 3) beats slot 5.
+    _, indices = run_topk(host_ops, tokens, scores, 4)
+    assert indices.tolist() == [[1, 2, 3, 4]]
+    many_ties = torch.randint(0, 3, (4, 30), generator=torch.Generator().manual_seed(1)).float()
+    tokens = torch.randn(4, 30, 3)
+    for k in (5, 17, 29):
+        selected, indices = run_topk(host_ops, tokens, many_ties, k)
+        want_selected, want_indices = token_ops.topk_token_select(tokens, many_ties, k)
+        assert torch.equal(indices, want_indices)
+        assert torch.equal(selected, want_selected)
+
+
+# ---------------------------------------------------------------------------------------------
+# TokenPrune
+
+
+def run_prune(lib, visual, scores, visual_valid, keep_count, merged, merged_valid, width):
+    batch, num_visual, dim = visual.shape
+    num_merged = merged.shape[1]
+    arrays = [t.numpy().copy() for t in (visual, scores, visual_valid, keep_count, merged, merged_valid)]
+    pruned = np.full((batch, width, dim), np.nan, dtype=np.float32)
+    pruned_valid = np.zeros((batch, width), dtype=np.bool_)
+    source_index = np.full((batch, width), 99, dtype=np.int64)
+    lib.sparsevlm_token_prune(*[_ptr(a) for a in arrays], _ptr(pruned), _ptr(pruned_valid), _ptr(source_index),
+                              *_i64(batch, num_visual, num_merged, dim, width))
+    return torch.from_numpy(pruned), torch.from_numpy(pruned_valid), torch.from_numpy(source_index)
+
+
+def prune_case(seed: int, tied_scores: bool = False):
+    generator = torch.Generator().manual_seed(seed)
+    batch, num_visual, num_merged, dim = 4, 24, 5, 6
+    visual = torch.randn(batch, num_visual, dim, generator=generator)
+    if tied_scores:
+        scores = torch.randint(0, 4, (batch, num_visual), generator=generator).float()
+    else:
+        scores = torch.randn(batch, num_visual, generator=generator)
+    visual_valid = torch.rand(batch, num_visual, generator=generator) > 0.25
+    visual_valid[0] = True
+    valid_counts = visual_valid.sum(1)
+    # Different keep counts per row: none, all valid ones, and two in between.
+    keep_count = torch.stack([torch.tensor(0), valid_counts[1], valid_counts[2] // 2, valid_counts[3] - 3])
+    merged = torch.randn(batch, num_merged, dim, generator=generator)
+    merged_valid = torch.tensor([[True] * 5, [False] * 5, [True, True, False, False, False], [True] * 3 + [False] * 2])
+    return visual, scores, visual_valid, keep_count, merged, merged_valid
+
+
+@pytest.mark.parametrize("tied_scores", [False, True])
+@pytest.mark.parametrize("extra_width", [0, 4, -3])
+def test_token_prune_matches_reference(host_ops, tied_scores, extra_width):
+    case = prune_case(3, tied_scores)
+    needed = int((token_ops.topk_keep_mask(case[1], case[2], case[3]).sum(1) + case[5].sum(1)).max())
+    width = needed + extra_width  # exact, padded, truncated
+    got = run_prune(host_ops, *case, width)
+    want = token_ops.token_prune(*case, width)
+    for name, g, w in zip(("pruned", "pruned_valid", "source_index"), got, want):
+        assert torch.equal(g, w), name
+
+
+def test_token_prune_hand_computed_row(host_ops):
+    visual = torch.tensor([[[10.0], [11.0], [12.0], [13.0]]])
+    scores = torch.tensor([[0.5, 0.9, 0.9, 0.1]])
+    visual_valid = torch.tensor([[True, False, True, True]])
+    merged = torch.tensor([[[20.0], [21.0]]])
+    merged_valid = torch.tensor([[False, True]])
+    pruned, valid, source = run_prune(host_ops, visual, scores, visual_valid, torch.tensor([2]), merged,
+                                      merged_valid, 5)
+    # Slot 1 is invalid, so the two best valid ones are 2 (0.9) and 0 (0.5); then merged slot 1.
+    assert source.tolist() == [[0, 2, 5, -1, -1]]
+    assert valid.tolist() == [[True, True, True, False, False]]
+    assert pruned[0, :, 0].tolist() == [10.0, 12.0, 21.0, 0.0, 0.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# TokenRecycle
+
+
+def run_recycle(lib, visual, scores, visual_valid, keep_count, candidate_percent, cluster_divisor):
+    batch, num_visual, dim = visual.shape
+    width = lib.sparsevlm_token_recycle(None, None, None, None, None, None, *_i64(batch, num_visual, dim,
+                                                                                  candidate_percent, cluster_divisor))
+    arrays = [t.numpy().copy() for t in (visual, scores, visual_valid, keep_count)]
+    merged = np.full((batch, width, dim), np.nan, dtype=np.float32)
+    merged_valid = np.zeros((batch, width), dtype=np.bool_)
+    lib.sparsevlm_token_recycle(*[_ptr(a) for a in arrays], _ptr(merged), _ptr(merged_valid),
+                                *_i64(batch, num_visual, dim, candidate_percent, cluster_divisor))
+    return torch.from_numpy(merged), torch.from_numpy(merged_valid)
+
+
+@pytest.fixture(autouse=True)
+def _restype(host_ops):
+    host_ops.sparsevlm_token_recycle.restype = ctypes.c_int64
+
+
+@pytest.mark.parametrize("candidate_percent,cluster_divisor", [(30, 10), (50, 3), (99, 2)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_token_recycle_matches_reference(host_ops, candidate_percent, cluster_divisor, seed):
+    generator = torch.Generator().manual_seed(seed)
+    batch, num_visual, dim = 4, 40, 16
+    visual = torch.randn(batch, num_visual, dim, generator=generator)
+    scores = torch.randn(batch, num_visual, generator=generator)
+    visual_valid = torch.rand(batch, num_visual, generator=generator) > 0.2
+    valid_counts = visual_valid.sum(1)
+    # Rows: everything kept (nothing to recycle), one deleted, about half, almost all deleted.
+    keep_count = torch.stack([valid_counts[0], valid_counts[1] - 1, valid_counts[2] // 2, torch.tensor(2)])
+    merged, merged_valid = run_recycle(host_ops, visual, scores, visual_valid, keep_count, candidate_percent,
+                                       cluster_divisor)
+    want_merged, want_valid = token_ops.token_recycle(visual, scores, visual_valid, keep_count, candidate_percent,
+                                                      cluster_divisor)
+    assert merged.shape == want_merged.shape == (batch, token_ops.max_recycled_slots(num_visual, candidate_percent,
+                                                                                      cluster_divisor), dim)
+    assert torch.equal(merged_valid, want_valid)
+    # Distances and means are float32 but summed in another order than torch's BLAS: close, not equal.
+    torch.testing.assert_close(merged, want_merged, rtol=1e-5, atol=1e-5)
+    deleted = visual_valid.sum(1) - keep_count
+    assert merged_valid.sum(1).tolist() == [token_ops.recycled_count(int(d), candidate_percent, cluster_divisor)
+                                            for d in deleted]
+    assert not merged_valid[0].any() and (merged[0] == 0).all()
+
+
+def test_token_recycle_hand_computed_row(host_ops):
+    # Four deleted tokens at 0, 0, 10, 10 (D = 1) and keep_count 0; candidate_percent 99 gives a
+    # pool of all 4 and cluster_divisor 2 gives 3 clusters. Hand-computed: dist = |x_i - x_j|;
+    # the 3 nearest of each token are {0, 0, 10}: rho = exp(-100 / 3) for all, so no token is
+    # strictly denser and delta = 10 everywhere; the centre scores tie and the lower candidate
+    # index wins: centres are candidates 0, 1, 2 (by descending score: slots 3, 0, 1 with scores
+    # 4, 3, 2), and candidate 3 (slot 2, x = 10) joins its nearest centre, candidate 2 (slot 1,
+    # x = 10). Means: 0 / (1 + eps), 0 / (1 + eps), 20 / (2 + eps).
+    visual = torch.tensor([[[0.0], [10.0], [10.0], [0.0]]])
+    scores = torch.tensor([[3.0, 2.0, 1.0, 4.0]])
+    merged, valid = run_recycle(host_ops, visual, scores, torch.ones(1, 4, dtype=torch.bool), torch.tensor([0]), 99, 2)
+    assert valid.tolist() == [[True, True, True]]
+    assert merged[0, :, 0].tolist() == pytest.approx([0.0, 0.0, 20.0 / (2.0 + 1e-6)], rel=1e-6)
+    want, _ = token_ops.token_recycle(visual, scores, torch.ones(1, 4, dtype=torch.bool), torch.tensor([0]), 99, 2)
+    torch.testing.assert_close(merged, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# RankKeepCount
+
+RULES = {"v1.0": 0, "paper": 1}
+
+
+def reference_keep(rule: str, rank: int, visual: int, scale: float, bias: float, lam: float) -> int:
+    """The keep rules of export/OPS.md, written out independently of the C++ code."""
+    if rule == "v1.0":
+        return visual if visual == rank else min(max(int(rank * scale + bias), 0), visual - 1)
+    deleted = int(lam * (visual - rank))
+    return visual if deleted == 0 else max(visual - deleted, 0)
+
+
+def run_rank(lib, attention, raters, visual_valid, rule, scale, bias, lam):
+    batch, num_raters, num_visual = attention.shape
+    arrays = [t.numpy().copy() for t in (attention, raters, visual_valid)]
+    rank = np.full(batch, -9, dtype=np.int64)
+    keep = np.full(batch, -9, dtype=np.int64)
+    lib.sparsevlm_rank_keep_count(*[_ptr(a) for a in arrays], _ptr(rank), _ptr(keep),
+                                  *_i64(batch, num_raters, num_visual), ctypes.c_int32(RULES[rule]),
+                                  ctypes.c_float(scale), ctypes.c_float(bias), ctypes.c_float(lam))
+    return torch.from_numpy(rank), torch.from_numpy(keep)
+
+
+def rank_cases():
+    """Attention blocks [B, T, V] with masks; rows of known, often deficient, rank."""
+    generator = torch.Generator().manual_seed(5)
+    batch, num_raters, num_visual = 6, 7, 12
+    attention = torch.rand(batch, num_raters, num_visual, generator=generator).softmax(-1)
+    raters = torch.ones(batch, num_raters, dtype=torch.bool)
+    visual_valid = torch.ones(batch, num_visual, dtype=torch.bool)
+    # Row 1: repeated rows -> rank 3. Row 2: a zero row and rank-1 rows.
+    attention[1, 3:] = attention[1, :3].repeat(2, 1)[: num_raters - 3]
+    u = torch.rand(num_raters, 1, generator=generator)
+    attention[2] = u @ torch.rand(1, num_visual, generator=generator)
+    attention[2, 4] = 0.0
+    # Row 3: rank 2 from a product, some raters and columns masked out.
+    attention[3] = torch.rand(num_raters, 2, generator=generator) @ torch.rand(2, num_visual, generator=generator)
+    raters[3, [0, 5]] = False
+    visual_valid[3, [1, 2, 8]] = False
+    # Row 4: more raters than valid columns (m > n), full column rank 3.
+    visual_valid[4, 3:] = False
+    # Row 5: no raters at all -> rank 0.
+    raters[5] = False
+    return attention, raters, visual_valid
+
+
+@pytest.mark.parametrize("rule,scale,bias,lam", [("v1.0", 13.5, 0.0, 0.0), ("v1.0", 0.5, 1.0, 0.0),
+                                                  ("paper", 1.0, 0.0, 0.5), ("paper", 1.0, 0.0, 2.0)])
+def test_rank_keep_count_matches_reference(host_ops, rule, scale, bias, lam):
+    attention, raters, visual_valid = rank_cases()
+    rank, keep = run_rank(host_ops, attention, raters, visual_valid, rule, scale, bias, lam)
+    rule_fn = lambda r, v: reference_keep(rule, r, v, scale, bias, lam)  # noqa: E731
+    want_rank, want_keep = token_ops.rank_keep_count(attention, raters, visual_valid, rule_fn)
+    assert rank.tolist() == want_rank.tolist()
+    assert rank.tolist() == [7, 3, 1, 2, 3, 0]  # by construction
+    assert keep.tolist() == want_keep.tolist()
+
+
+def test_rank_keep_count_random_blocks(host_ops):
+    generator = torch.Generator().manual_seed(11)
+    for true_rank in range(0, 6):
+        left = torch.randn(4, 9, true_rank, generator=generator)
+        right = torch.randn(4, true_rank, 15, generator=generator)
+        attention = (left @ right).contiguous()
+        raters = torch.ones(4, 9, dtype=torch.bool)
+        visual_valid = torch.rand(4, 15, generator=generator) > 0.3
+        rank, keep = run_rank(host_ops, attention, raters, visual_valid, "v1.0", 2.0, 1.0, 0.0)
+        want_rank, want_keep = token_ops.rank_keep_count(
+            attention, raters, visual_valid, lambda r, v: reference_keep("v1.0", r, v, 2.0, 1.0, 0.0))
+        assert rank.tolist() == want_rank.tolist() == [true_rank] * 4
+        assert keep.tolist() == want_keep.tolist()

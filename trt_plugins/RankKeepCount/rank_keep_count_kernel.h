@@ -1,0 +1,18 @@
+// Device entry point of RankKeepCount (no TensorRT types: see ../common/host_device.h).
+#pragma once
+
+#include "rank_keep_count.h"
+
+#include <cuda_runtime_api.h>
+
+namespace sparsevlm
+{
+
+// rater_attention [B, T, V] of `type`; rater_mask bool [B, T]; visual_valid bool [B, V];
+// outputs rank and keep_count int64 [B]. `workspace` holds rankkeep::workspaceSize(shape)
+// bytes. Asynchronous on `stream`.
+cudaError_t launchRankKeepCount(ElementType type, void const* attention, bool const* raters,
+    bool const* visualValid, int64_t* rank, int64_t* keep, rankkeep::Shape const& shape,
+    rankkeep::RuleParams const& params, void* workspace, cudaStream_t stream);
+
+} // namespace sparsevlm
