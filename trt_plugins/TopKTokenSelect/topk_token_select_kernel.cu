@@ -1,6 +1,5 @@
 // CUDA kernels of TopKTokenSelect: one thread per element for each stage of
 // topk_token_select.h, so the device runs exactly the code the CPU tests check.
-#include "topk_token_select.h"
 #include "topk_token_select_kernel.h"
 
 namespace sparsevlm

@@ -1,7 +1,7 @@
 // Device entry point of TopKTokenSelect (no TensorRT types: see ../common/host_device.h).
 #pragma once
 
-#include "../common/host_device.h"
+#include "topk_token_select.h"
 
 #include <cuda_runtime_api.h>
 
