@@ -112,7 +112,7 @@ class TorchExecutor:
 
     @torch.inference_mode()
     def vision(self, pixel_values):
-        return self._vision(pixel_values.to(self.device))
+        return self._vision({"pixel_values": pixel_values.to(self.device)})
 
     @torch.inference_mode()
     def segment(self, index: int, inputs: dict) -> dict:

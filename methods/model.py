@@ -17,6 +17,25 @@ from .generation import GenerationOutput, SamplingParams, TorchExecutor
 from .loading import load_model, load_processor
 
 
+def prepare_inputs(processor, images, prompts: list[str], chat_template: bool = True) -> dict:
+    """{"input_ids": list of id lists, "pixel_values": [B, 3, H, W]} for one image per prompt.
+    With `chat_template`, each prompt is the user's question and the image goes first, as
+    LLaVA-1.5's template puts it; without it, prompts must contain the image placeholder."""
+    if len(images) != len(prompts):
+        raise generation.InputError(f"images/prompts: expected one image per prompt, got {len(images)} "
+                                    f"images and {len(prompts)} prompts")
+    for row, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise generation.InputError(f"prompt {row}: expected a non-empty string")
+    if chat_template:
+        prompts = [processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
+            add_generation_prompt=True) for p in prompts]
+    encoded = processor(images=list(images), text=list(prompts), return_tensors="pt", padding=True)
+    ids = [row[mask.bool()].tolist() for row, mask in zip(encoded["input_ids"], encoded["attention_mask"])]
+    return {"input_ids": ids, "pixel_values": encoded["pixel_values"]}
+
+
 class SparseLlava:
     """A LlavaForConditionalGeneration running a pruning method (PyTorch, any device)."""
 
@@ -39,20 +58,10 @@ class SparseLlava:
         return 0 if pad is None else int(pad)
 
     def prepare(self, images, prompts: list[str], chat_template: bool = True) -> dict:
-        """Processor inputs for one image per prompt. With `chat_template`, each prompt is the
-        user's question and the image goes first, as LLaVA-1.5's template puts it."""
+        """Processor inputs for one image per prompt (see `prepare_inputs`)."""
         if self.processor is None:
             raise ValueError("prepare: this SparseLlava has no processor; pass input_ids and pixel_values")
-        if len(images) != len(prompts):
-            raise generation.InputError(f"images/prompts: expected one image per prompt, got {len(images)} "
-                                        f"images and {len(prompts)} prompts")
-        if chat_template:
-            prompts = [self.processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
-                add_generation_prompt=True) for p in prompts]
-        encoded = self.processor(images=list(images), text=list(prompts), return_tensors="pt", padding=True)
-        ids = [row[mask.bool()].tolist() for row, mask in zip(encoded["input_ids"], encoded["attention_mask"])]
-        return {"input_ids": ids, "pixel_values": encoded["pixel_values"]}
+        return prepare_inputs(self.processor, images, prompts, chat_template)
 
     def generate(self, input_ids, pixel_values: torch.Tensor, max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,

@@ -82,7 +82,8 @@ def prefill_mask(key_valid: torch.Tensor) -> torch.Tensor:
     seq = key_valid.shape[1]
     idx = torch.arange(seq, device=key_valid.device)
     causal = idx[None, :] <= idx[:, None]
-    return ((causal[None] & key_valid[:, None, :]) | torch.eye(seq, dtype=torch.bool, device=key_valid.device)[None])[:, None]
+    itself = idx[None, :] == idx[:, None]
+    return ((causal[None] & key_valid[:, None, :]) | itself[None])[:, None]
 
 
 def decode_mask(past_valid: torch.Tensor) -> torch.Tensor:
@@ -146,7 +147,8 @@ def select_raters(visual: torch.Tensor, text: torch.Tensor, text_valid: torch.Te
     count = text_valid.sum(dim=1, keepdim=True).clamp_min(1)
     mean = torch.where(text_valid, relevance, torch.zeros_like(relevance)).sum(1, keepdim=True) / count
     raters = (relevance > mean) & text_valid
-    return torch.where(raters.any(dim=1, keepdim=True), raters, text_valid)
+    # Logical ops, not a bool `where` (ONNX Runtime's CPU Where has no bool kernel).
+    return raters | (~raters.any(dim=1, keepdim=True) & text_valid)
 
 
 def last_logits(model, hidden: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:

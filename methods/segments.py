@@ -87,13 +87,12 @@ class VisionEncoder(nn.Module):
     def __init__(self, model, plan: PrunePlan, ops=token_ops):
         super().__init__()
         self.model, self.plan, self.ops = model, plan, ops
+        self.input_names = ["pixel_values"]
+        self.output_names = ["visual", "kept_indices"] if plan.method == "fastervlm" else ["visual"]
 
-    def output_names(self) -> list[str]:
-        return ["visual", "kept_indices"] if self.plan.method == "fastervlm" else ["visual"]
-
-    def forward(self, pixel_values: torch.Tensor):
+    def forward(self, x: dict) -> dict:
         fastervlm = self.plan.method == "fastervlm"
-        features, cls_scores = modeling.encode_image(self.model, pixel_values, with_cls_scores=fastervlm)
+        features, cls_scores = modeling.encode_image(self.model, x["pixel_values"], with_cls_scores=fastervlm)
         if not fastervlm:
             return {"visual": features}
         visual, kept = self.ops.topk_token_select(features, cls_scores.to(features.dtype), self.plan.fastervlm_keep)

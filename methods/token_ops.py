@@ -41,11 +41,21 @@ def max_recycled_slots(num_visual: int, candidate_percent: int = CANDIDATE_PERCE
     return recycled_count(num_visual, candidate_percent, cluster_divisor)
 
 
+def sort_order(values: torch.Tensor, descending: bool) -> torch.Tensor:
+    """Indices that sort `values` along dim 1; ties keep the lower index first.
+
+    Eagerly a stable sort; inside an ONNX export a full-width TopK, whose ONNX definition
+    breaks ties the same way (the legacy exporter cannot translate stable sorts)."""
+    if torch.onnx.is_in_onnx_export():
+        return torch.topk(values, values.shape[1], dim=1, largest=descending, sorted=True).indices
+    return torch.sort(values, dim=1, descending=descending, stable=True).indices
+
+
 def _descending_rank(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """rank[b, i] = position of slot i when row b's valid slots are sorted by descending
     score (ties: lower index first); invalid slots rank after every valid one."""
     masked = scores.float().masked_fill(~valid, float("-inf"))
-    order = torch.sort(masked, dim=1, descending=True, stable=True).indices
+    order = sort_order(masked, descending=True)
     positions = torch.arange(scores.shape[1], device=scores.device).expand_as(order)
     return torch.empty_like(order).scatter(1, order, positions)
 
@@ -63,8 +73,8 @@ def topk_token_select(tokens: torch.Tensor, scores: torch.Tensor, k: int):
     """
     if not 0 <= k <= tokens.shape[1]:
         raise ValueError(f"TopKTokenSelect: k must be in [0, {tokens.shape[1]}], got {k}")
-    order = torch.sort(scores.float(), dim=1, descending=True, stable=True).indices[:, :k]
-    indices = torch.sort(order, dim=1).values
+    best = sort_order(scores.float(), descending=True)[:, :k]
+    indices = torch.gather(best, 1, sort_order(best, descending=False))
     selected = torch.gather(tokens, 1, indices[:, :, None].expand(-1, -1, tokens.shape[2]))
     return selected, indices
 
@@ -87,7 +97,7 @@ def token_prune(visual: torch.Tensor, scores: torch.Tensor, visual_valid: torch.
     slots = torch.arange(num_visual + num_merged, device=visual.device).expand_as(selected)
     # Selected slots sort first (in slot order), unselected ones after them.
     sort_key = torch.where(selected, slots, slots + (num_visual + num_merged))
-    source = torch.sort(sort_key, dim=1).indices[:, :width]
+    source = sort_order(sort_key, descending=False)[:, :width]
     count = selected.sum(dim=1, keepdim=True)
     pruned_valid = torch.arange(source.shape[1], device=visual.device)[None, :] < count
     pool = torch.cat([visual, merged.to(visual.dtype)], dim=1)
@@ -114,12 +124,12 @@ def token_recycle(visual: torch.Tensor, scores: torch.Tensor, visual_valid: torc
     num_deleted = deleted.sum(dim=1)
     pool = torch.where(num_deleted > 0, (candidate_percent * num_deleted) // 100 + 1, 0)
     clusters = torch.where(pool > 0, pool // cluster_divisor + 1, 0)  # [B], also the kNN k
-    pool_bound = recycle_pool_size(num_visual, candidate_percent)
-    cluster_bound = max_recycled_slots(num_visual, candidate_percent, cluster_divisor)
+    # Static bounds from V (no Python branch, so a trace stays valid for every V >= 1).
+    pool_bound = (candidate_percent * num_visual) // 100 + 1
+    cluster_bound = pool_bound // cluster_divisor + 1
 
     # Candidates: the best-scoring deleted tokens, in descending score order.
-    order = torch.sort(scores.float().masked_fill(~deleted, float("-inf")), dim=1,
-                       descending=True, stable=True).indices[:, :pool_bound]
+    order = sort_order(scores.float().masked_fill(~deleted, float("-inf")), descending=True)[:, :pool_bound]
     cand = torch.gather(visual.float(), 1, order[:, :, None].expand(-1, -1, dim))
     cand_valid = torch.arange(pool_bound, device=device)[None, :] < pool[:, None]
     pair_valid = cand_valid[:, :, None] & cand_valid[:, None, :]
@@ -131,7 +141,8 @@ def token_recycle(visual: torch.Tensor, scores: torch.Tensor, visual_valid: torc
     inf = torch.tensor(float("inf"), device=device)
 
     # Local density from the `clusters` nearest neighbours (self included).
-    nearest = torch.sort(torch.where(pair_valid, dist, inf), dim=-1).values
+    candidate_dist = torch.where(pair_valid, dist, inf).flatten(0, 1)  # rows of [B * pool, pool]
+    nearest = torch.gather(candidate_dist, 1, sort_order(candidate_dist, descending=False)).view_as(dist)
     in_knn = torch.arange(pool_bound, device=device)[None, None, :] < clusters[:, None, None]
     knn_sq = torch.where(in_knn & pair_valid, nearest * nearest, torch.zeros_like(nearest))
     density = torch.exp(-knn_sq.sum(-1) / clusters.clamp_min(1)[:, None].float())
@@ -142,7 +153,7 @@ def token_recycle(visual: torch.Tensor, scores: torch.Tensor, visual_valid: torc
     denser = (density[:, None, :] > density[:, :, None]) & pair_valid
     delta = torch.where(denser, dist, dist_max[:, None, None]).amin(dim=-1)
     centre_score = torch.where(cand_valid, delta * density, torch.full_like(delta, float("-inf")))
-    centres = torch.sort(centre_score, dim=1, descending=True, stable=True).indices[:, :cluster_bound]
+    centres = sort_order(centre_score, descending=True)[:, :cluster_bound]
     centre_valid = torch.arange(cluster_bound, device=device)[None, :] < clusters[:, None]
 
     # Assign each candidate to its nearest centre; each centre is forced into its own cluster.

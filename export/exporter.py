@@ -1,0 +1,365 @@
+"""`sparsevlm-export`: a LLaVA checkpoint + a pruning method -> ONNX graphs + manifest.
+
+Export decisions, in one place:
+- Graphs: `vision` (CLIP + projector [+ FasterVLM's TopKTokenSelect]), `segment_<i>` (the
+  prefill split at the pruning layers, see methods/segments.py) and `decode` (one token
+  through every layer with per-segment caches). One graph set per budget.
+- Tracing: the legacy TorchScript exporter (`dynamo=False`) over our own segment modules,
+  with the inputs recorded from a real run of the method. It is 10-20x faster than dynamo
+  here and keeps every dimension symbolic because the modules make no Python decisions from
+  tensor sizes (shared/reference/onnx_export_notes.md). Opset 17.
+- Custom ops: `sparsevlm::TopKTokenSelect|TokenPrune|TokenRecycle` nodes with
+  `plugin_namespace`/`plugin_version`, each with a model-local function body traced from
+  the PyTorch reference (export/onnx_ops.py), so stock ONNX Runtime runs them.
+- The data-dependent keep count enters a pruning segment as `keep_count` values plus the
+  shape input `visual_width` ([W]); the runtime chooses W and the profile containing it.
+  The matrix rank (rank rules) is a runtime step: graphs output `rater_attention`.
+- IR version 10 (ONNX Runtime 1.31 refuses 14, onnx 1.23's default). Every graph passes
+  `onnx.checker.check_model(full_check=True)` (which runs strict shape inference).
+- Atomic output: everything goes to a temporary sibling directory that is renamed into
+  place at the end, with manifest.json written last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import onnx
+import torch
+
+from sparsevlm import __version__
+from sparsevlm.methods import modeling
+from sparsevlm.methods.config import ConfigError, SparseVLMConfig, resolve
+from sparsevlm.methods.generation import TorchExecutor, decode_tokens, make_region_batch, prefill, SamplingParams
+from sparsevlm.methods.loading import DTYPES, ModelNotFoundError, load_model
+from sparsevlm.methods.segments import DecodeStep, PrefillSegment, VisionEncoder, plan_segments
+
+from . import manifest as manifest_lib
+from . import profiles as profile_lib
+from .onnx_ops import DOMAIN, FUNCTION_OPSET, ONNX_OPS, OP_VERSION, attach_functions, register_schemas
+
+IR_VERSION = 10
+
+# Dynamic dimension names per tensor name (segment index substituted for {s}).
+_INPUT_DIMS = {
+    "pixel_values": {0: "batch"},
+    "prefix_ids": {0: "batch", 1: "prefix_len"}, "prefix_valid": {0: "batch", 1: "prefix_len"},
+    "text_ids": {0: "batch", 1: "text_len"}, "text_valid": {0: "batch", 1: "text_len"},
+    "rater_mask": {0: "batch", 1: "text_len"},
+    "visual": {0: "batch", 1: "visual_len"},
+    "hidden": {0: "batch", 1: "seq_in"}, "positions": {0: "batch", 1: "seq_in"},
+    "visual_valid": {0: "batch", 1: "visual_in"}, "scores": {0: "batch", 1: "visual_in"},
+    "keep_count": {0: "batch"}, "visual_width": {0: "visual_width"},
+    "token_ids": {0: "batch"},
+}
+_OUTPUT_DIMS = {
+    "visual": {0: "batch"}, "kept_indices": {0: "batch"},
+    "hidden": {0: "batch", 1: "seq"}, "positions": {0: "batch", 1: "seq"}, "key_valid": {0: "batch", 1: "seq"},
+    "visual_valid": {0: "batch", 1: "visual_out"}, "scores": {0: "batch", 1: "visual_out"},
+    "kept_source": {0: "batch", 1: "visual_out"}, "rater_mask": {0: "batch", 1: "text_len"},
+    "rater_attention": {0: "batch", 1: "text_len", 2: "visual_out"},
+    "next_position": {0: "batch"}, "logits": {0: "batch"},
+}
+
+
+def _dims(name: str, table: dict, segment_of_layer: dict, decode: bool) -> dict:
+    parts = name.split(".")
+    if parts[0] in ("past", "present"):
+        if decode and parts[0] == "present":
+            return {0: "batch"}
+        return {0: "batch", 2: f"past_len_{segment_of_layer[int(parts[1])]}" if decode else "seq"}
+    if parts[0] == "key_valid" and len(parts) == 2:
+        return {0: "batch", 1: f"past_len_{parts[1]}"}
+    if parts[0] == "position" and len(parts) == 2:
+        return {0: "batch"}
+    return table.get(name, {})
+
+
+def onnx_output_name(name: str, input_names: list[str]) -> str:
+    """Graph outputs may not reuse an input's name: `hidden` in -> `hidden_out` out."""
+    return f"{name}_out" if name in input_names else name
+
+
+class _Positional(torch.nn.Module):
+    """Adapts a dict-in/dict-out module to positional tensors for the tracer."""
+
+    def __init__(self, module, input_names, output_names):
+        super().__init__()
+        self.module, self.input_names, self.output_names = module, input_names, output_names
+
+    def forward(self, *args):
+        out = self.module(dict(zip(self.input_names, args)))
+        return tuple(out[name] for name in self.output_names)
+
+
+class _RecordingExecutor(TorchExecutor):
+    """Runs the method and keeps the inputs each graph saw (the tracing examples)."""
+
+    def __init__(self, model, plan):
+        super().__init__(model, plan)
+        self.recorded = {}
+
+    def vision(self, pixel_values):
+        self.recorded.setdefault("vision", {"pixel_values": pixel_values})
+        return super().vision(pixel_values)
+
+    def segment(self, index, inputs):
+        self.recorded.setdefault(f"segment_{index}", dict(inputs))
+        return super().segment(index, inputs)
+
+    def decode(self, inputs):
+        self.recorded.setdefault("decode", dict(inputs))
+        return super().decode(inputs)
+
+
+def _example_run(model, plan):
+    """Two prompts of different lengths through the method; records every graph's inputs."""
+    config = model.config
+    vocab, image = config.text_config.vocab_size, config.image_token_id
+    gen = torch.Generator().manual_seed(0)
+    draw = lambda n: [t for t in torch.randint(3, vocab, (n,), generator=gen).tolist() if t != image][:n]
+    ids = [[1] + draw(3) + [image] + draw(9), [1] + draw(5) + [image] + draw(6)]
+    size = config.vision_config.image_size
+    dtype = model.dtype
+    pixels = torch.randn(2, 3, size, size, generator=gen).to(dtype)
+    executor = _RecordingExecutor(model, plan)
+    batch = make_region_batch(ids, image, plan.num_visual, 0)
+    result = prefill(executor, plan, batch, pixels)
+    for _ in decode_tokens(executor, plan_segments(plan), result, SamplingParams(max_new_tokens=2)):
+        pass
+    return executor.recorded
+
+
+def _trace(module, example: dict, output_names: list[str], path: Path, opset: int, segment_of_layer: dict,
+           decode: bool = False) -> None:
+    input_names = list(example)
+    onnx_outputs = [onnx_output_name(n, input_names) for n in output_names]
+    dynamic_axes = {n: _dims(n, _INPUT_DIMS, segment_of_layer, decode) for n in input_names}
+    dynamic_axes.update({o: _dims(n, _OUTPUT_DIMS, segment_of_layer, decode) for n, o in zip(output_names, onnx_outputs)})
+    wrapper = _Positional(module, input_names, output_names)
+    with torch.inference_mode(False), torch.no_grad():
+        torch.onnx.export(wrapper, tuple(example.values()), str(path), dynamo=False, opset_version=opset,
+                          input_names=input_names, output_names=onnx_outputs,
+                          dynamic_axes={k: v for k, v in dynamic_axes.items() if v},
+                          custom_opsets={DOMAIN: OP_VERSION}, do_constant_folding=True)
+
+
+def _finish_graph(path: Path) -> list[str]:
+    """Attach function bodies, set the IR version, check; returns the custom ops used."""
+    model = onnx.load(str(path), load_external_data=False)
+    ops = attach_functions(model)
+    model.ir_version = IR_VERSION
+    onnx.save_model(model, str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+    return ops
+
+
+_ELEM = {v: k for k, v in onnx.TensorProto.DataType.items()}
+
+
+def _io_table(path: Path) -> tuple[list, list]:
+    graph = onnx.load(str(path), load_external_data=False).graph
+    def entry(value):
+        t = value.type.tensor_type
+        shape = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
+        return {"name": value.name, "dtype": _ELEM[t.elem_type].lower(), "shape": shape}
+    return [entry(v) for v in graph.input], [entry(v) for v in graph.output]
+
+
+def config_sha256(model) -> str:
+    return hashlib.sha256(model.config.to_json_string(use_diff=False).encode()).hexdigest()
+
+
+def export_artifact(model, location: str, config: SparseVLMConfig, out: Path, *, dtype: str = "float32",
+                    opset: int = FUNCTION_OPSET, buckets: list | None = None, processor_dir: str | None = None,
+                    overwrite: bool = False, progress: bool = True) -> dict:
+    """Export one graph set (one method configuration / budget) to the directory `out`."""
+    from tqdm.auto import tqdm
+
+    register_schemas()
+    plan = resolve(config, model.config.text_config.num_hidden_layers, modeling.num_visual_tokens(model))
+    specs = plan_segments(plan)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"out: {out} already exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    started = time.perf_counter()
+    try:
+        recorded = _example_run(model, plan)
+        segment_of_layer = {layer: spec.index for spec in specs for layer in spec.layers}
+        graphs = [("vision", VisionEncoder(model, plan, ONNX_OPS), None)]
+        graphs += [(f"segment_{s.index}", PrefillSegment(model, plan, s, ONNX_OPS), None) for s in specs]
+        graphs.append(("decode", DecodeStep(model, specs), None))
+        table = {}
+        bar = tqdm(graphs, desc=f"export {out.name}", unit="graph", disable=not progress)
+        for name, module, _ in bar:
+            bar.set_postfix_str(name)
+            path = tmp / f"{name}.onnx"
+            output_names = module.output_names
+            t0 = time.perf_counter()
+            _trace(module, recorded[name], output_names, path, opset, segment_of_layer, decode=name == "decode")
+            ops = _finish_graph(path)
+            inputs, outputs = _io_table(path)
+            table[name] = {"file": path.name, "inputs": inputs, "outputs": outputs,
+                           "output_names": dict(zip([o["name"] for o in outputs], output_names)),
+                           "custom_ops": ops, "export_seconds": round(time.perf_counter() - t0, 3)}
+        buckets = buckets or profile_lib.default_buckets(plan)
+        if len(buckets) != len(plan.prune_layers):
+            raise ValueError(f"calibration: {len(buckets)} bucket lists for {len(plan.prune_layers)} pruning layers")
+        vision_width = plan.fastervlm_keep if plan.method == "fastervlm" else plan.num_visual
+        for name, graph_profiles in profile_lib.graph_profiles(plan, len(specs), vision_width, buckets).items():
+            table[name]["profiles"] = graph_profiles
+        if processor_dir:
+            _copy_processor(Path(processor_dir), tmp / "processor")
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        text = model.config.text_config
+        manifest = {
+            "schema": manifest_lib.SCHEMA, "created_by": f"sparsevlm-trt {__version__}",
+            "torch": torch.__version__, "onnx": onnx.__version__,
+            "model": {"source": location, "config_sha256": config_sha256(model), "num_layers": text.num_hidden_layers,
+                      "hidden_size": text.hidden_size, "intermediate_size": text.intermediate_size,
+                      "vocab_size": text.vocab_size, "image_token_id": model.config.image_token_id,
+                      "image_size": model.config.vision_config.image_size, "num_visual": plan.num_visual,
+                      "pad_token_id": model.config.pad_token_id or 0,
+                      "processor": "processor" if processor_dir else None},
+            "method": config.to_dict(), "trace_method": plan.trace_method(), "prune_layers": list(plan.prune_layers),
+            "dtype": dtype, "opset": opset, "ir_version": IR_VERSION,
+            "ops": {"domain": DOMAIN, "version": OP_VERSION, "rank": "runtime" if plan.uses_rank else None},
+            "segments": [{"index": s.index, "graph": f"segment_{s.index}", "first_layer": s.first_layer,
+                          "last_layer": s.last_layer, "ends_at_prune_layer": s.ends_at_prune_layer,
+                          "profile_dim": "visual_width" if s.index > 0 else None} for s in specs],
+            "graphs": table,
+            "files": manifest_lib.file_table(tmp, files),
+        }
+        (tmp / manifest_lib.MANIFEST).write_text(json.dumps(manifest, indent=1))  # last: marks the artifact valid
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        manifest["export_seconds"] = round(time.perf_counter() - started, 3)
+        return manifest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _copy_processor(source: Path, target: Path) -> None:
+    """The tokenizer / image-processor / chat-template files, so the artifact is self-contained."""
+    target.mkdir()
+    for file in source.iterdir():
+        if file.is_file() and not file.name.endswith((".safetensors", ".bin")) and file.name != "config.json" \
+                and file.suffix in (".json", ".jinja", ".model", ".txt"):
+            shutil.copy2(file, target / file.name)
+
+
+def load_calibration(path: str | Path) -> tuple[dict, list]:
+    data = json.loads(Path(path).read_text())
+    if data.get("schema") != "sparsevlm-calibration/1":
+        raise ValueError(f"calibration: {path} has schema {data.get('schema')!r}; expected 'sparsevlm-calibration/1'")
+    segments = sorted(data["segments"], key=lambda s: s["index"])
+    return data, [[list(b) for b in s["buckets"]] for s in segments]
+
+
+def export(model: str, out: str | Path, method: str = "sparsevlm", variant: str | None = None,
+           budgets: list[int] | tuple[int, ...] | None = (192,), dtype: str = "float32", opset: int = FUNCTION_OPSET,
+           random_weights: bool = False, calibration: str | None = None, overwrite: bool = False,
+           progress: bool = True, **method_options) -> list[dict]:
+    """Python API of `sparsevlm-export`: one artifact per budget (`out` itself for a single
+    budget, `out/b<budget>` for several). Returns the manifests."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+    if opset < FUNCTION_OPSET:
+        raise ValueError(f"opset: expected >= {FUNCTION_OPSET} (SDPA and the op bodies need it), got {opset}")
+    budgets = list(budgets) if budgets else [None]
+    configs = [SparseVLMConfig(method=method, variant=variant, budget=b, **method_options) for b in budgets]
+    torch_model, location = load_model(model, dtype=dtype, random_weights=random_weights)
+    for config in configs:  # validate every budget before writing anything
+        resolve(config, torch_model.config.text_config.num_hidden_layers, modeling.num_visual_tokens(torch_model))
+    buckets = load_calibration(calibration)[1] if calibration else None
+    processor_dir = location if Path(location).is_dir() else None
+    out = Path(out)
+    manifests = []
+    for config in configs:
+        target = out if len(configs) == 1 else out / f"b{config.budget}"
+        manifests.append(export_artifact(torch_model, location, config, target, dtype=dtype, opset=opset,
+                                         buckets=buckets, processor_dir=processor_dir, overwrite=overwrite,
+                                         progress=progress))
+        manifests[-1]["path"] = str(target)
+    return manifests
+
+
+def _summary(manifests: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title="sparsevlm-export")
+    for column in ("artifact", "graph", "size (MB)", "custom ops", "inputs", "outputs", "time (s)"):
+        table.add_column(column)
+    for m in manifests:
+        for name, graph in m["graphs"].items():
+            size = sum(e["bytes"] for f, e in m["files"].items() if f.startswith(name + ".onnx"))
+            table.add_row(m["path"], name, f"{size / 1e6:.1f}", ",".join(graph["custom_ops"]) or "-",
+                          str(len(graph["inputs"])), str(len(graph["outputs"])), str(graph["export_seconds"]))
+    Console(stderr=False).print(table)
+    total = sum(m["export_seconds"] for m in manifests)
+    print(f"exported {len(manifests)} artifact(s) in {total:.1f} s")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sparsevlm-export", description=(
+        "Export a LLaVA checkpoint with a visual-token pruning method to ONNX graphs with `sparsevlm` custom ops "
+        "(one graph set per budget) plus manifest.json, ready for ONNX Runtime, sparsevlm-build (TensorRT) and "
+        "sparsevlm-run."))
+    p.add_argument("--model", required=True, help="local HF LLaVA directory, hub id (owner/name), or alias: "
+                   "llava-1.5-7b, llava-1.5-13b, demo (the built-in tiny model)")
+    p.add_argument("--method", default="sparsevlm", choices=["none", "sparsevlm", "fastervlm", "fastv"],
+                   help="pruning method (default: sparsevlm)")
+    p.add_argument("--variant", default=None, choices=["v1.5", "v1.0", "paper"],
+                   help="SparseVLM variant: v1.5 fixed schedule (default), v1.0 code rank rule, paper rank rule")
+    p.add_argument("--budget", type=int, nargs="+", default=None,
+                   help="token budget(s); one graph set each. SparseVLM v1.5: 192/128/96/64; v1.0: picks the "
+                        "scripts' scale/bias; FasterVLM/FastV: visual tokens kept")
+    p.add_argument("--scale", type=float, help="v1.0 rank rule: keep = int(rank*scale + bias)")
+    p.add_argument("--bias", type=float, help="v1.0 rank rule bias")
+    p.add_argument("--lam", type=float, help="paper rank rule: deleted = int(lam*(v - rank))")
+    p.add_argument("--reduction", type=float, help="FasterVLM: share of visual tokens removed (0.75/0.90/0.95)")
+    p.add_argument("--fastv-k", dest="K", type=int, default=2, help="FastV: prune after layer K-1 (default 2)")
+    p.add_argument("--fastv-r", dest="R", type=float, help="FastV: share R of visual tokens removed")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights and activations dtype")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--opset", type=int, default=FUNCTION_OPSET, help=f"ONNX opset (default {FUNCTION_OPSET})")
+    p.add_argument("--random-weights", action="store_true",
+                   help="build the named architecture from its config with random weights (no weight download)")
+    p.add_argument("--calibration", help="calibration.json from sparsevlm-calibrate: profile buckets per segment")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    options = {k: v for k, v in {"scale": args.scale, "bias": args.bias, "lam": args.lam,
+                                  "reduction": args.reduction, "R": args.R}.items() if v is not None}
+    if args.method == "fastv":
+        options["K"] = args.K
+    budgets = args.budget or ([192] if args.method == "sparsevlm" and "reduction" not in options else None)
+    if args.method == "fastv" and "R" in options:
+        budgets = None
+    try:
+        manifests = export(args.model, args.out, args.method, args.variant, budgets, args.dtype, args.opset,
+                           args.random_weights, args.calibration, args.overwrite, not args.quiet, **options)
+    except (ConfigError, ModelNotFoundError, FileExistsError, ValueError) as error:
+        print(f"sparsevlm-export: error: {error}", file=sys.stderr)
+        return 2
+    _summary(manifests)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
