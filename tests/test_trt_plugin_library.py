@@ -1,0 +1,272 @@
+"""The TensorRT plugin library: compile checks, the CMake build, registry loading, the harness.
+
+What runs where:
+- always: `find_plugin_library` errors; with nvcc: every kernel `.cu` compiles for sm_80 and
+  sm_90 (they include no TensorRT header), and CMake's clear error without TensorRT headers;
+- with TensorRT headers (TENSORRT_ROOT pointing at a folder with include/NvInfer.h, e.g. a
+  checkout of github.com/NVIDIA/TensorRT): the CMake build of both library variants, their
+  exported symbols and dependencies, and the C++ harness (tests/harness.cpp) on the CPU;
+- with the `tensorrt-lean` wheels as well: loading into TensorRT's plugin registry on the
+  CPU, every creator with its fields, plugin creation in both phases, the static registrar.
+Registry checks run in a subprocess each: a registry crash must not take pytest down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from sparsevlm import trt_plugins
+from sparsevlm.trt_plugins import (LIBRARY_NAME, PLUGIN_LIBRARY_ENV, PLUGIN_NAMES, SOURCE_DIR,
+                                   STATIC_LIBRARY_NAME, build_plugin_library, find_plugin_library)
+
+KERNEL_SOURCES = sorted(SOURCE_DIR.glob("*/*.cu"))
+FIELD_NAMES = {"TopKTokenSelect": ["k"], "TokenPrune": [], "TokenRecycle": ["candidate_percent", "cluster_divisor"],
+               "RankKeepCount": ["rule", "scale", "bias", "lam"]}
+
+
+def _nvcc() -> str | None:
+    found = shutil.which("nvcc")
+    if found is None and Path("/usr/local/cuda/bin/nvcc").is_file():
+        found = "/usr/local/cuda/bin/nvcc"
+    return found
+
+
+def _tensorrt_root() -> Path | None:
+    root = os.environ.get("TENSORRT_ROOT")
+    return Path(root) if root and (Path(root) / "include" / "NvInfer.h").is_file() else None
+
+
+def _lean_library() -> Path | None:
+    """libnvinfer_lean.so.* from the tensorrt-lean-*-libs wheel, when installed."""
+    try:
+        import tensorrt_lean_libs
+    except ImportError:
+        return None
+    found = sorted(Path(list(tensorrt_lean_libs.__path__)[0]).glob("libnvinfer_lean.so*"))
+    return found[0] if found else None
+
+
+def _lean_bindings_installed() -> bool:
+    try:
+        import tensorrt_lean_bindings  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Always
+
+
+def test_find_plugin_library_prefers_argument_then_environment(tmp_path, monkeypatch):
+    library = tmp_path / LIBRARY_NAME
+    library.write_bytes(b"")
+    other = tmp_path / "other.so"
+    other.write_bytes(b"")
+    monkeypatch.setenv(PLUGIN_LIBRARY_ENV, str(other))
+    assert find_plugin_library(library) == library.resolve()
+    assert find_plugin_library() == other.resolve()
+
+
+def test_find_plugin_library_missing_names_what_to_build(tmp_path, monkeypatch):
+    monkeypatch.setenv(PLUGIN_LIBRARY_ENV, str(tmp_path / "missing.so"))
+    with pytest.raises(FileNotFoundError, match=r"\$SPARSEVLM_PLUGIN_LIB.*build_plugin_library"):
+        find_plugin_library()
+    monkeypatch.delenv(PLUGIN_LIBRARY_ENV)
+    monkeypatch.setattr(trt_plugins, "DEFAULT_BUILD_DIR", tmp_path / "build")
+    with pytest.raises(FileNotFoundError, match=r"default build folder.*cmake -S"):
+        find_plugin_library()
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("source", KERNEL_SOURCES, ids=[p.name for p in KERNEL_SOURCES])
+def test_kernel_compiles_with_nvcc(source, arch, tmp_path):
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (PATH or /usr/local/cuda/bin/nvcc)")
+    result = subprocess.run([nvcc, "-c", f"-arch={arch}", "-std=c++17", "-Xcompiler=-Wall", str(source),
+                             "-o", str(tmp_path / "kernel.o")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "kernel.o").stat().st_size > 0
+
+
+def test_four_kernel_sources():
+    assert sorted(p.parent.name for p in KERNEL_SOURCES) == sorted(PLUGIN_NAMES)
+
+
+def test_cmake_without_headers_says_what_is_missing(tmp_path):
+    if shutil.which("cmake") is None or _nvcc() is None:
+        pytest.skip("needs cmake and nvcc to configure the CUDA project")
+    environment = {k: v for k, v in os.environ.items() if k not in ("TENSORRT_ROOT", "TensorRT_INCLUDE_DIR")}
+    nvcc_dir = str(Path(_nvcc()).parent)
+    environment["PATH"] = nvcc_dir + os.pathsep + environment.get("PATH", "")
+    result = subprocess.run(["cmake", "-S", str(SOURCE_DIR), "-B", str(tmp_path / "build"),
+                             f"-DTENSORRT_ROOT={tmp_path / 'nothing'}"],
+                            capture_output=True, text=True, env=environment)
+    assert result.returncode != 0
+    assert "TensorRT headers (NvInfer.h) not found" in result.stderr
+    assert "TENSORRT_ROOT" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# With TensorRT headers
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    root = _tensorrt_root()
+    if root is None:
+        pytest.skip("TensorRT headers not available: set TENSORRT_ROOT to a folder with include/NvInfer.h "
+                    "(e.g. a checkout of github.com/NVIDIA/TensorRT)")
+    if shutil.which("cmake") is None or _nvcc() is None:
+        pytest.skip("needs cmake and nvcc to build the plugin library")
+    build_dir = tmp_path_factory.mktemp("plugin_build")
+    library = build_plugin_library(build_dir, root, registry_library=_lean_library())
+    assert library == build_dir / LIBRARY_NAME and library.is_file()
+    assert (build_dir / STATIC_LIBRARY_NAME).is_file()
+    return build_dir
+
+
+def _dynamic_symbols(library: Path) -> set[str]:
+    output = subprocess.run(["nm", "-D", "--defined-only", str(library)], capture_output=True, text=True,
+                            check=True).stdout
+    return {line.split()[-1] for line in output.splitlines() if line.strip()}
+
+
+def _needed(library: Path) -> list[str]:
+    output = subprocess.run(["readelf", "-d", str(library)], capture_output=True, text=True, check=True).stdout
+    return re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", output)
+
+
+def test_dynamic_variant_exports_only_the_entry_points(built):
+    if shutil.which("nm") is None or shutil.which("readelf") is None:
+        pytest.skip("binutils (nm, readelf) not on PATH")
+    library = built / LIBRARY_NAME
+    assert _dynamic_symbols(library) == {"getCreators", "setLoggerFinder"}
+    needed = _needed(library)
+    assert not [n for n in needed if "nvinfer" in n or "cudart" in n], needed  # static cudart, no libnvinfer
+
+
+def test_static_variant_registers_instead_of_exporting(built):
+    if shutil.which("nm") is None:
+        pytest.skip("binutils (nm) not on PATH")
+    assert "getCreators" not in _dynamic_symbols(built / STATIC_LIBRARY_NAME)
+
+
+def test_cpu_harness_passes(built):
+    result = subprocess.run([str(built / "sparsevlm_plugin_harness"), str(built / LIBRARY_NAME)],
+                            capture_output=True, text=True, timeout=120)
+    summary = re.search(r"harness: (\d+) checks, (\d+) failed", result.stdout)
+    assert summary, result.stdout + result.stderr
+    failures = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
+    assert result.returncode == 0 and summary.group(2) == "0", failures
+    assert int(summary.group(1)) >= 300  # every op, both phases, clone: a few hundred checks
+
+
+# ---------------------------------------------------------------------------------------------
+# With TensorRT headers and the lean runtime wheels
+
+REGISTRY_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import tensorrt_lean_bindings as trt
+
+    F = trt.PluginField
+    T = trt.PluginFieldType
+    GOOD = {
+        "TopKTokenSelect": [F("k", np.array([3], np.int32), T.INT32)],
+        "TokenPrune": [],
+        "TokenRecycle": [F("candidate_percent", np.array([30], np.int32), T.INT32),
+                         F("cluster_divisor", np.array([10], np.int32), T.INT32)],
+        "RankKeepCount": [F("rule", np.frombuffer(b"paper", np.int8), T.CHAR),
+                          F("lam", np.array([0.5], np.float32), T.FLOAT32)],
+    }
+    BAD = {
+        "TopKTokenSelect": [],
+        "TokenRecycle": [F("cluster_divisor", np.array([1], np.int32), T.INT32)],
+        "RankKeepCount": [F("rule", np.frombuffer(b"v9", np.int8), T.CHAR)],
+    }
+    registry = trt.get_plugin_registry()
+    before = len(registry.all_creators)
+    handle = registry.load_library(sys.argv[1])
+    report = {"loaded": handle is not None, "added": len(registry.all_creators) - before, "ops": {}}
+    for name, fields in GOOD.items():
+        creator = registry.get_creator(name, "1", "sparsevlm")
+        if creator is None:
+            report["ops"][name] = None
+            continue
+        op = {"kind": creator.interface_info.kind, "fields": [f.name for f in creator.field_names]}
+        for phase in ("BUILD", "RUNTIME"):
+            plugin = creator.create_plugin(name, trt.PluginFieldCollection(fields), getattr(trt.TensorRTPhase, phase))
+            core = plugin.get_capability_interface(trt.PluginCapabilityType.CORE) if plugin else None
+            build = plugin.get_capability_interface(trt.PluginCapabilityType.BUILD) if plugin else None
+            op[phase] = None if plugin is None else [core.plugin_name, core.plugin_namespace, core.plugin_version,
+                                                      build.num_outputs]
+            del plugin, core, build
+        if name in BAD:
+            bad = creator.create_plugin(name, trt.PluginFieldCollection(BAD[name]), trt.TensorRTPhase.BUILD)
+            op["bad_rejected"] = bad is None
+            del bad
+        report["ops"][name] = op
+    registry.deregister_library(handle)
+    report["after_deregister"] = registry.get_creator("TopKTokenSelect", "1", "sparsevlm") is not None
+    print(json.dumps(report))
+""")
+
+STATIC_SCRIPT = textwrap.dedent("""
+    import ctypes, json, sys
+    import tensorrt_lean_bindings as trt  # loads libnvinfer_lean, which the static variant links
+
+    registry = trt.get_plugin_registry()
+    before = [registry.get_creator(n, "1", "sparsevlm") is not None for n in sys.argv[2:]]
+    ctypes.CDLL(sys.argv[1])
+    after = [registry.get_creator(n, "1", "sparsevlm") is not None for n in sys.argv[2:]]
+    empty_namespace = [registry.get_creator(n, "1", "") is not None for n in sys.argv[2:]]
+    print(json.dumps({"before": before, "after": after, "empty_namespace": empty_namespace}))
+""")
+
+NUM_OUTPUTS = {"TopKTokenSelect": 2, "TokenPrune": 3, "TokenRecycle": 2, "RankKeepCount": 2}
+
+
+@pytest.fixture(scope="module")
+def lean(built) -> Path:
+    if not _lean_bindings_installed():
+        pytest.skip("tensorrt-lean wheels not installed (pip install tensorrt-lean-cu13-libs "
+                    "tensorrt-lean-cu13-bindings)")
+    return built
+
+
+def _run_json(script: str, *args: str) -> dict:
+    result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_lean_registry_loads_every_creator(lean):
+    report = _run_json(REGISTRY_SCRIPT, str(lean / LIBRARY_NAME))
+    assert report["loaded"] and report["added"] == 4
+    for name in PLUGIN_NAMES:
+        op = report["ops"][name]
+        assert op is not None, f"{name} not found in namespace sparsevlm"
+        assert op["kind"] == "PLUGIN CREATOR_V3ONE"
+        assert op["fields"] == FIELD_NAMES[name]
+        for phase in ("BUILD", "RUNTIME"):
+            assert op[phase] == [name, "sparsevlm", "1", NUM_OUTPUTS[name]], (name, phase)
+        assert op.get("bad_rejected", True), f"{name} accepted bad attributes"
+    assert report["after_deregister"] is False
+
+
+def test_static_variant_registers_in_sparsevlm_namespace(lean):
+    if _lean_library() is None:
+        pytest.skip("libnvinfer_lean not found in the tensorrt_lean_libs wheel")
+    report = _run_json(STATIC_SCRIPT, str(lean / STATIC_LIBRARY_NAME), *PLUGIN_NAMES)
+    assert report == {"before": [False] * 4, "after": [True] * 4, "empty_namespace": [False] * 4}

@@ -1,0 +1,84 @@
+"""sparsevlm.trt_plugins: find or build the TensorRT plugin library of the `sparsevlm` ops.
+
+The C++/CUDA sources live next to this file (one folder per op, see README.md). This module
+only locates the built library for the engine builder and the runtime, and runs CMake:
+
+    from sparsevlm.trt_plugins import build_plugin_library, find_plugin_library
+    build_plugin_library(tensorrt_root="/opt/TensorRT")   # once; needs nvcc and TensorRT headers
+    path = find_plugin_library()                          # $SPARSEVLM_PLUGIN_LIB, else the build dir
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+PLUGIN_NAMESPACE = "sparsevlm"
+PLUGIN_VERSION = "1"
+PLUGIN_NAMES = ("TopKTokenSelect", "TokenPrune", "TokenRecycle", "RankKeepCount")
+
+PLUGIN_LIBRARY_ENV = "SPARSEVLM_PLUGIN_LIB"
+SOURCE_DIR = Path(__file__).resolve().parent
+DEFAULT_BUILD_DIR = SOURCE_DIR / "build"
+# For IPluginRegistry.load_library / trtexec --dynamicPlugins / the lean runtime.
+LIBRARY_NAME = "libsparsevlm_plugins.so"
+# Registers itself when loaded: Triton's `plugins=` option or LD_PRELOAD. Never load_library it.
+STATIC_LIBRARY_NAME = "libsparsevlm_plugins_static.so"
+
+_BUILD_HINT = (f"build it with sparsevlm.trt_plugins.build_plugin_library(tensorrt_root=...) or "
+               f"`cmake -S {SOURCE_DIR} -B {DEFAULT_BUILD_DIR} -DTENSORRT_ROOT=<TensorRT headers> && "
+               f"cmake --build {DEFAULT_BUILD_DIR}`, or point {PLUGIN_LIBRARY_ENV} at a built {LIBRARY_NAME}")
+
+
+def find_plugin_library(path: str | os.PathLike | None = None) -> Path:
+    """The plugin library to load: `path` if given, else $SPARSEVLM_PLUGIN_LIB, else the
+    default build folder. Raises FileNotFoundError naming what to build when it is missing."""
+    if path is not None:
+        where = Path(path)
+        source = "the given path"
+    elif os.environ.get(PLUGIN_LIBRARY_ENV):
+        where = Path(os.environ[PLUGIN_LIBRARY_ENV])
+        source = f"${PLUGIN_LIBRARY_ENV}"
+    else:
+        where = DEFAULT_BUILD_DIR / LIBRARY_NAME
+        source = "the default build folder"
+    if not where.is_file():
+        raise FileNotFoundError(f"TensorRT plugin library not found at {where} ({source}); {_BUILD_HINT}")
+    return where.resolve()
+
+
+def build_plugin_library(build_dir: str | os.PathLike | None = None,
+                         tensorrt_root: str | os.PathLike | None = None, *,
+                         registry_library: str | os.PathLike | None = None,
+                         cuda_architectures: str | None = None,
+                         harness: bool = True, jobs: int | None = None) -> Path:
+    """Configure and build the plugin libraries with CMake; returns the path of
+    libsparsevlm_plugins.so (libsparsevlm_plugins_static.so is built next to it).
+
+    tensorrt_root: a TensorRT install or NVIDIA/TensorRT checkout (defaults to $TENSORRT_ROOT).
+    registry_library: libnvinfer(_lean).so.* the static-registration variant links against.
+    cuda_architectures: CMAKE_CUDA_ARCHITECTURES, e.g. "80;90" (the default).
+    Raises FileNotFoundError when cmake is missing, RuntimeError (with CMake's output) when
+    configuring or building fails, e.g. because the TensorRT headers cannot be found.
+    """
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        raise FileNotFoundError("cmake is not on PATH; it is needed to build the TensorRT plugin library")
+    build = Path(build_dir) if build_dir is not None else DEFAULT_BUILD_DIR
+    configure = [cmake, "-S", str(SOURCE_DIR), "-B", str(build),
+                 f"-DSPARSEVLM_BUILD_HARNESS={'ON' if harness else 'OFF'}"]
+    if tensorrt_root is not None:
+        configure.append(f"-DTENSORRT_ROOT={Path(tensorrt_root).resolve()}")
+    if registry_library is not None:
+        configure.append(f"-DSPARSEVLM_REGISTRY_LIBRARY={Path(registry_library).resolve()}")
+    if cuda_architectures is not None:
+        configure.append(f"-DCMAKE_CUDA_ARCHITECTURES={cuda_architectures}")
+    compile_all = [cmake, "--build", str(build), "--parallel", str(jobs or os.cpu_count() or 1)]
+    for step in (configure, compile_all):
+        result = subprocess.run(step, capture_output=True, text=True)
+        if result.returncode != 0:
+            output = (result.stdout + result.stderr)[-4000:]
+            raise RuntimeError(f"building the TensorRT plugin library failed: {' '.join(step)}\n{output}")
+    return build / LIBRARY_NAME
