@@ -137,6 +137,14 @@ def token_recycle(visual: torch.Tensor, scores: torch.Tensor, visual_valid: torc
     # Euclidean distances scaled by 1/sqrt(D), through the Gram matrix (as cdist does).
     sq = (cand * cand).sum(dim=-1)
     dist2 = (sq[:, :, None] + sq[:, None, :] - 2.0 * cand @ cand.transpose(1, 2)).clamp_min(0.0)
+    # Exactly symmetric with a zero diagonal, as the true distance is: the matmul's rounding
+    # differs between (i, j) and (j, i) and with the batch shape, and with k = c neighbours a
+    # mutual-nearest pair has mathematically equal densities; without this the tie went by
+    # rounding noise instead of by index, and a batch row could differ from its batch-1 run.
+    # (An index comparison, not torch.eye: ONNX Runtime has no bool EyeLike kernel.)
+    slots = torch.arange(pool_bound, device=device)
+    diagonal = slots[:, None] == slots[None, :]
+    dist2 = ((dist2 + dist2.transpose(1, 2)) * 0.5).masked_fill(diagonal, 0.0)
     dist = torch.sqrt(dist2) / dim ** 0.5
     inf = torch.tensor(float("inf"), device=device)
 

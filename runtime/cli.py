@@ -1,0 +1,78 @@
+"""`sparsevlm-run`: answer a prompt about an image with an exported artifact."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from sparsevlm.export.manifest import ArtifactError
+from sparsevlm.methods.config import ConfigError
+from sparsevlm.methods.generation import InputError, validate_trace
+from sparsevlm.methods.loading import ModelNotFoundError
+
+from .backends import BACKENDS
+from .profiles import ProfileError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sparsevlm-run", description=(
+        "Run an artifact written by sparsevlm-export on one image and prompt: prints the answer, the visual "
+        "tokens kept per pruning layer, and prefill/decode times."))
+    p.add_argument("--artifact", required=True, help="directory written by sparsevlm-export (has manifest.json)")
+    p.add_argument("--image", required=True, help="image file (any format PIL reads)")
+    p.add_argument("--prompt", required=True, help="the question; the chat template adds the image placeholder")
+    p.add_argument("--backend", default="onnxruntime", choices=BACKENDS, help="default: onnxruntime")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--trace-json", help="write the sparsevlm-trace/1 JSON of this run to FILE")
+    p.add_argument("--model", help="torch backend: checkpoint to use instead of the one the manifest names")
+    p.add_argument("--plugin-library", help="tensorrt backend: path of libsparsevlm_plugins.so")
+    p.add_argument("--device", default="cpu", help="torch backend device (cpu, cuda)")
+    p.add_argument("--debug", action="store_true", help="log the profile chosen for each segment")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(name)s: %(message)s")
+    from .pipeline import Pipeline
+    try:
+        pipe = Pipeline.load(args.artifact, args.backend, model=args.model, plugin_library=args.plugin_library,
+                             device=args.device)
+        out = pipe.generate([args.image], [args.prompt], max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    except (ArtifactError, InputError, ProfileError, ConfigError, ModelNotFoundError, FileNotFoundError,
+            RuntimeError) as error:
+        print(f"sparsevlm-run: error: {error}", file=sys.stderr)
+        return 2
+    trace = out.trace
+    print(f"answer: {out.texts[0]!r}")
+    print(f"method: {json.dumps(trace['method'])}")
+    for layer in trace["layers"]:
+        rank = f", rank {layer['rank'][0]}" if layer["rank"][0] is not None else ""
+        print(f"  layer {layer['layer']:>3}: kept {layer['keep_count'][0]} visual tokens"
+              f" + {layer['recycled'][0]} recycled{rank}")
+    for choice in out.profiles:
+        print(f"  segment {choice['segment']}: width {choice['width']} -> profile {choice['profile']} "
+              f"{choice['min_opt_max']}")
+    row = out.accounting["rows"][0]
+    print(f"tokens: equal-tokens {row['equal_tokens']:.1f}, mean layer-input {row['mean_layer_input_tokens']:.1f}; "
+          f"FLOPs ratio vs unpruned {row['flops_ratio']:.3f}")
+    t = out.timings
+    steps = max(t["decode_steps"] - 1, 1)
+    print(f"time: vision {t['vision'] * 1e3:.1f} ms, prefill {t['prefill'] * 1e3:.1f} ms, "
+          f"decode {t['decode'] * 1e3 / steps:.1f} ms/token ({args.backend})")
+    if args.trace_json:
+        validate_trace(trace)
+        with open(args.trace_json, "w") as f:
+            json.dump(trace, f)
+        print(f"trace written to {args.trace_json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
