@@ -1,0 +1,332 @@
+"""sparsevlm-build: TensorRT engines for an exported artifact.
+
+For every graph of `manifest.json` one engine is built, with one optimization profile per
+entry of the graph's `profiles` (in order, so profile i of the engine is profile i of the
+manifest). A profile maps each dynamic dimension name to [min, opt, max]; an input's
+min/opt/max shapes are its `shape` with every name replaced by that value.
+
+    sparsevlm-build ARTIFACT [--plugin-library PATH] [--graph NAME ...] [--timing-cache FILE]
+                    [--version-compatible [--exclude-lean-runtime]] [--dry-run]
+
+The plugin library (`sparsevlm.trt_plugins.find_plugin_library`) is loaded into TensorRT's
+plugin registry with `load_library`, so the parser turns every `sparsevlm` node into its
+plugin (the nodes carry `plugin_namespace`; `kENABLE_PLUGIN_OVERRIDE` is set where the parser
+has it). Networks are strongly typed: the ONNX types decide the precision. Engines go to
+`ARTIFACT/engines/<graph>.plan` and are recorded in the manifest under `engines`:
+
+    "engines": {"<graph>": {"file": "engines/<graph>.plan", "tensorrt_version": "11.1.0",
+                            "version_compatible": false, "exclude_lean_runtime": false,
+                            "profiles": [{"dims": {"batch": [1, 1, 8], ...},
+                                          "inputs": {"<input>": {"min": [...], "opt": [...],
+                                                                  "max": [...]}}}, ...]}}
+
+Every file is written to a temporary name and renamed, the manifest last. Building needs the
+full `tensorrt` package and a GPU; `--dry-run` prints the profile tables without either.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from sparsevlm.export.manifest import MANIFEST, read_manifest
+
+ENGINE_DIR = "engines"
+ENGINE_SUFFIX = ".plan"
+
+
+class BuildError(RuntimeError):
+    """Building cannot start or failed; the message says what to fix."""
+
+
+class ManifestError(ValueError):
+    """The manifest's graph or profile description is inconsistent; the message names the
+    graph, the profile index, the input and the dimension."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Profile tables (pure Python: no TensorRT needed)
+
+
+@dataclass(frozen=True)
+class InputShapes:
+    """min / opt / max shape of one input in one optimization profile."""
+
+    name: str
+    min: tuple[int, ...]
+    opt: tuple[int, ...]
+    max: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class GraphPlan:
+    """One engine to build: the ONNX file and, per optimization profile, every input's shapes."""
+
+    name: str
+    onnx_file: str
+    profiles: tuple[tuple[InputShapes, ...], ...]
+    profile_dims: tuple[dict, ...]  # the manifest's profiles, as validated
+
+
+def _range(graph: str, index: int, dim: str, value) -> tuple[int, int, int]:
+    where = f"graph {graph!r}, profile {index}, dimension {dim!r}"
+    if (not isinstance(value, (list, tuple)) or len(value) != 3
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise ManifestError(f"{where}: expected [min, opt, max] integers, got {value!r}")
+    low, opt, high = value
+    if not 0 <= low <= opt <= high:
+        raise ManifestError(f"{where}: expected 0 <= min <= opt <= max, got {list(value)}")
+    return low, opt, high
+
+
+def input_shapes(graph: str, index: int, inputs: list[dict], profile: dict) -> tuple[InputShapes, ...]:
+    """Substitute the profile's [min, opt, max] for every named dimension of every input.
+    Names in the profile that no input uses are allowed (outputs can have them)."""
+    if not isinstance(profile, dict):
+        raise ManifestError(f"graph {graph!r}, profile {index}: expected {{dimension: [min, opt, max]}}, "
+                            f"got {profile!r}")
+    ranges = {dim: _range(graph, index, dim, value) for dim, value in profile.items()}
+    result = []
+    for spec in inputs:
+        name, shape = spec.get("name"), spec.get("shape")
+        if not isinstance(name, str) or not isinstance(shape, list):
+            raise ManifestError(f"graph {graph!r}: every input needs a 'name' and a 'shape' list, got {spec!r}")
+        per_bound: list[list[int]] = [[], [], []]
+        for dim in shape:
+            if isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0:
+                values = (dim, dim, dim)
+            elif isinstance(dim, str) and dim in ranges:
+                values = ranges[dim]
+            elif isinstance(dim, str):
+                raise ManifestError(f"graph {graph!r}, profile {index}: input {name!r} has dimension {dim!r}, "
+                                    f"which the profile does not give (it has {sorted(ranges)})")
+            else:
+                raise ManifestError(f"graph {graph!r}: input {name!r} has dimension {dim!r}; expected a "
+                                    f"non-negative integer or a dimension name")
+            for bound, value in zip(per_bound, values):
+                bound.append(value)
+        result.append(InputShapes(name, *(tuple(b) for b in per_bound)))
+    return tuple(result)
+
+
+def plan_graph(name: str, graph: dict) -> GraphPlan:
+    """Validate one `graphs` entry of the manifest and compute its profile table."""
+    if not isinstance(graph, dict) or not isinstance(graph.get("file"), str):
+        raise ManifestError(f"graph {name!r}: expected an object with a 'file' (the ONNX file)")
+    inputs = graph.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise ManifestError(f"graph {name!r}: expected a non-empty 'inputs' list")
+    profiles = graph.get("profiles", [])
+    if not isinstance(profiles, list):
+        raise ManifestError(f"graph {name!r}: 'profiles' must be a list of {{dimension: [min, opt, max]}}")
+    dynamic = sorted({d for spec in inputs for d in spec.get("shape", []) if isinstance(d, str)})
+    if dynamic and not profiles:
+        raise ManifestError(f"graph {name!r}: inputs have dynamic dimensions {dynamic} but the graph has no profiles")
+    table = tuple(input_shapes(name, index, inputs, profile) for index, profile in enumerate(profiles))
+    return GraphPlan(name, graph["file"], table, tuple(dict(p) for p in profiles))
+
+
+def plan_engines(manifest: dict, graphs: list[str] | None = None) -> list[GraphPlan]:
+    """The engines to build for a manifest: all graphs, or the named ones (in that order)."""
+    table = manifest.get("graphs")
+    if not isinstance(table, dict) or not table:
+        raise ManifestError(f"{MANIFEST}: expected a non-empty 'graphs' object")
+    names = list(table) if graphs is None else list(graphs)
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise ManifestError(f"{MANIFEST}: no graph named {', '.join(map(repr, unknown))} (graphs: {sorted(table)})")
+    return [plan_graph(n, table[n]) for n in names]
+
+
+def profile_table(plan: GraphPlan) -> list[dict]:
+    """The JSON form recorded under engines[<graph>]['profiles']."""
+    return [{"dims": {dim: list(value) for dim, value in dims.items()},
+             "inputs": {s.name: {"min": list(s.min), "opt": list(s.opt), "max": list(s.max)} for s in shapes}}
+            for dims, shapes in zip(plan.profile_dims, plan.profiles)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writes
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def record_engines(artifact_dir: str | Path, entries: dict[str, dict]) -> None:
+    """Merge `entries` into the manifest's `engines` object, atomically. The manifest is read
+    again just before writing so that nothing written meanwhile is lost."""
+    path = Path(artifact_dir) / MANIFEST
+    manifest = json.loads(path.read_text())
+    engines = manifest.get("engines") or {}
+    engines.update(entries)
+    manifest["engines"] = engines
+    _write_atomically(path, (json.dumps(manifest, indent=2) + "\n").encode())
+
+
+# ---------------------------------------------------------------------------------------------
+# Building (TensorRT 10.x / 11.x Python API through polygraphy's loaders)
+
+
+def import_tensorrt():
+    """The full TensorRT package (builder and ONNX parser), or BuildError saying what is missing."""
+    try:
+        import tensorrt as trt
+    except ImportError as error:
+        raise BuildError(f"the full TensorRT Python package is not installed (import tensorrt: {error}); "
+                         "install `tensorrt` (>= 10.15, from NVIDIA's package index) on a machine with an "
+                         "NVIDIA GPU") from None
+    if not hasattr(trt, "Builder") or not hasattr(trt, "OnnxParser"):
+        raise BuildError("the installed `tensorrt` package has no builder or ONNX parser (a lean or dispatch "
+                         "runtime?); engines need the full TensorRT package")
+    return trt
+
+
+def load_plugin_library(trt, plugin_library: str | os.PathLike | None = None) -> Path:
+    """Load libsparsevlm_plugins.so into TensorRT's plugin registry (dynamic loading through
+    its getCreators entry point; never the static-registration variant)."""
+    from sparsevlm.trt_plugins import find_plugin_library
+
+    try:
+        library = find_plugin_library(plugin_library)
+    except FileNotFoundError as error:
+        raise BuildError(str(error)) from None
+    if trt.get_plugin_registry().load_library(str(library)) is None:
+        raise BuildError(f"TensorRT could not load the plugin library {library} (built against another "
+                         "TensorRT major version, or not the getCreators variant?)")
+    return library
+
+
+def _parser_flags(trt) -> list:
+    # The nodes carry plugin_namespace, which already selects the plugin on parsers >= 10.15;
+    # the override flag makes the plugin win over a same-named local function body as well.
+    flag = getattr(trt.OnnxParserFlag, "ENABLE_PLUGIN_OVERRIDE", None)
+    return [flag] if flag is not None else []
+
+
+def build_engines(artifact_dir: str | Path, plugin_library: str | os.PathLike | None = None, *,
+                  graphs: list[str] | None = None, timing_cache: str | Path | None = None,
+                  version_compatible: bool = False, exclude_lean_runtime: bool = False,
+                  workspace_bytes: int | None = None, log=print) -> dict[str, Path]:
+    """Build one engine per graph of the artifact (or per named graph) and record them in its
+    manifest. Returns {graph: engine path}. Raises ManifestError for an inconsistent manifest
+    and BuildError when TensorRT, the GPU or the plugin library is missing or a build fails."""
+    root = Path(artifact_dir)
+    if exclude_lean_runtime and not version_compatible:
+        raise BuildError("--exclude-lean-runtime only applies to version-compatible engines "
+                         "(add --version-compatible)")
+    plans = plan_engines(read_manifest(root), graphs)
+    for plan in plans:
+        if not (root / plan.onnx_file).is_file():
+            raise BuildError(f"graph {plan.name!r}: {root / plan.onnx_file} is missing")
+
+    trt = import_tensorrt()
+    from polygraphy.backend.common import SaveBytes
+    from polygraphy.backend.trt import (CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath,
+                                        PostprocessConfig, Profile)
+
+    library = load_plugin_library(trt, plugin_library)
+    entries, built = {}, {}
+    for plan in plans:
+        profiles = []
+        for shapes in plan.profiles:
+            profile = Profile()
+            for s in shapes:
+                profile.add(s.name, min=s.min, opt=s.opt, max=s.max)
+            profiles.append(profile)
+        network = NetworkFromOnnxPath(str(root / plan.onnx_file), flags=_parser_flags(trt), strongly_typed=True)
+        config = CreateConfig(
+            profiles=profiles or None,
+            load_timing_cache=str(timing_cache) if timing_cache and Path(timing_cache).is_file() else None,
+            memory_pool_limits={trt.MemoryPoolType.WORKSPACE: workspace_bytes} if workspace_bytes else None,
+            version_compatible=version_compatible or None,
+            exclude_lean_runtime=exclude_lean_runtime or None)
+        if version_compatible and not exclude_lean_runtime:
+            # A version-compatible plan carries its plugin library, so a newer runtime can load it.
+            config = PostprocessConfig(config, lambda builder, network, cfg: setattr(
+                cfg, "plugins_to_serialize", [str(library)]))
+        # Bytes, not an ICudaEngine: deserializing here would need engine host code allowed
+        # for version-compatible plans, and buys nothing.
+        engine_bytes = EngineBytesFromNetwork(network, config,
+                                              save_timing_cache=str(timing_cache) if timing_cache else None)
+        relative = f"{ENGINE_DIR}/{plan.name}{ENGINE_SUFFIX}"
+        log(f"building {relative} ({len(plan.profiles)} profile(s))")
+        try:
+            data = engine_bytes()
+        except Exception as error:  # polygraphy raises its own PolygraphyException on build failure
+            raise BuildError(f"graph {plan.name!r}: TensorRT could not build the engine ({error})") from error
+        if data is None:
+            raise BuildError(f"graph {plan.name!r}: TensorRT returned no engine (see the TensorRT log above)")
+        temporary = root / ENGINE_DIR / f".{plan.name}{ENGINE_SUFFIX}.tmp"
+        SaveBytes(bytes(data), str(temporary))()
+        os.replace(temporary, root / relative)
+        entries[plan.name] = {"file": relative, "tensorrt_version": trt.__version__,
+                              "version_compatible": version_compatible,
+                              "exclude_lean_runtime": exclude_lean_runtime, "profiles": profile_table(plan)}
+        built[plan.name] = root / relative
+    record_engines(root, entries)
+    return built
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparsevlm-build", description=(
+        "Build TensorRT engines for a sparsevlm artifact: one engine per graph, one optimization "
+        "profile per manifest profile; engines are recorded in the artifact's manifest."))
+    parser.add_argument("artifact", help="artifact directory written by sparsevlm-export")
+    parser.add_argument("--plugin-library", help="libsparsevlm_plugins.so (default: $SPARSEVLM_PLUGIN_LIB, "
+                                                 "then trt_plugins/build)")
+    parser.add_argument("--graph", action="append", dest="graphs", metavar="NAME",
+                        help="build only this graph (repeatable)")
+    parser.add_argument("--timing-cache", help="timing cache file: read if present, written after each build")
+    parser.add_argument("--workspace-gib", type=float, help="workspace memory pool limit in GiB")
+    parser.add_argument("--version-compatible", action="store_true",
+                        help="build version-compatible engines (runnable by newer TensorRT runtimes)")
+    parser.add_argument("--exclude-lean-runtime", action="store_true",
+                        help="with --version-compatible: leave the lean runtime out of the plan")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the profile table of each engine and stop (no TensorRT needed)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.dry_run:
+            plans = plan_engines(read_manifest(args.artifact), args.graphs)
+            print(json.dumps({p.name: profile_table(p) for p in plans}, indent=2))
+            return 0
+        built = build_engines(args.artifact, args.plugin_library, graphs=args.graphs,
+                              timing_cache=args.timing_cache, version_compatible=args.version_compatible,
+                              exclude_lean_runtime=args.exclude_lean_runtime,
+                              workspace_bytes=int(args.workspace_gib * (1 << 30)) if args.workspace_gib else None)
+    except (BuildError, ValueError) as error:  # ManifestError and the manifest reader's ArtifactError
+        print(f"sparsevlm-build: error: {error}", file=sys.stderr)
+        return 2
+    for name, path in built.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
