@@ -51,6 +51,7 @@ def find_plugin_library(path: str | os.PathLike | None = None) -> Path:
 
 def build_plugin_library(build_dir: str | os.PathLike | None = None,
                          tensorrt_root: str | os.PathLike | None = None, *,
+                         include_dir: str | os.PathLike | None = None,
                          registry_library: str | os.PathLike | None = None,
                          cuda_architectures: str | None = None,
                          harness: bool = True, jobs: int | None = None) -> Path:
@@ -58,6 +59,7 @@ def build_plugin_library(build_dir: str | os.PathLike | None = None,
     libsparsevlm_plugins.so (libsparsevlm_plugins_static.so is built next to it).
 
     tensorrt_root: a TensorRT install or NVIDIA/TensorRT checkout (defaults to $TENSORRT_ROOT).
+    include_dir: the folder holding NvInfer.h, when it is not TENSORRT_ROOT/include.
     registry_library: libnvinfer(_lean).so.* the static-registration variant links against.
     cuda_architectures: CMAKE_CUDA_ARCHITECTURES, e.g. "80;90" (the default).
     Raises FileNotFoundError when cmake is missing, RuntimeError (with CMake's output) when
@@ -71,6 +73,8 @@ def build_plugin_library(build_dir: str | os.PathLike | None = None,
                  f"-DSPARSEVLM_BUILD_HARNESS={'ON' if harness else 'OFF'}"]
     if tensorrt_root is not None:
         configure.append(f"-DTENSORRT_ROOT={Path(tensorrt_root).resolve()}")
+    if include_dir is not None:
+        configure.append(f"-DTensorRT_INCLUDE_DIR={Path(include_dir).resolve()}")
     if registry_library is not None:
         configure.append(f"-DSPARSEVLM_REGISTRY_LIBRARY={Path(registry_library).resolve()}")
     if cuda_architectures is not None:

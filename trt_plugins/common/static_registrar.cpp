@@ -11,6 +11,17 @@ struct StaticRegistrar
 {
     StaticRegistrar()
     {
+        // Calling IPluginRegistry goes through its vtable, whose layout changes between major
+        // versions (11.x removed the IPluginCreator overloads): registering into another major
+        // version's registry crashes. Measured: 10.14 headers with the 11.4 lean runtime.
+        int32_t const runtimeMajor = getInferLibVersion() / 10000;
+        if (runtimeMajor != NV_TENSORRT_MAJOR)
+        {
+            sparsevlm::logError("not registering: built against TensorRT " + std::to_string(NV_TENSORRT_MAJOR)
+                + ".x headers but loaded into a TensorRT " + std::to_string(runtimeMajor)
+                + ".x runtime; rebuild with matching headers (or use libsparsevlm_plugins.so with loadLibrary)");
+            return;
+        }
         int32_t count = 0;
         nvinfer1::IPluginCreatorInterface* const* creators = sparsevlm::allCreators(count);
         nvinfer1::IPluginRegistry* registry = getPluginRegistry();
