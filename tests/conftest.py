@@ -44,6 +44,13 @@ def hf_model(demo_dir):
 
 
 @pytest.fixture(scope="session")
+def hf_model64(demo_dir):
+    """The checkpoint in float64: separates real batch/single differences from float32 noise."""
+    from transformers import LlavaForConditionalGeneration
+    return LlavaForConditionalGeneration.from_pretrained(str(demo_dir), dtype=torch.float64).eval()
+
+
+@pytest.fixture(scope="session")
 def hf_eager(demo_dir):
     """The same checkpoint with eager attention, for `output_attentions=True`."""
     return _load_hf(demo_dir, "eager")
@@ -78,14 +85,16 @@ def encoded(processor, images):
 
 
 @pytest.fixture(scope="session")
-def make_vlm(hf_model, processor):
-    """SparseLlava over the already-loaded model, for a config (cached per config)."""
+def make_vlm(hf_model, processor, request):
+    """SparseLlava over the already-loaded model, for a config (cached per config);
+    `make_vlm(config, dtype="float64")` wraps the float64 copy instead."""
     from sparsevlm.methods import SparseLlava
     cache = {}
 
-    def make(config):
-        key = repr(config)
+    def make(config, dtype="float32"):
+        key = (repr(config), dtype)
         if key not in cache:
-            cache[key] = SparseLlava(hf_model, config, processor)
+            model = hf_model if dtype == "float32" else request.getfixturevalue("hf_model64")
+            cache[key] = SparseLlava(model, config, processor)
         return cache[key]
     return make
