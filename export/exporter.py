@@ -5,9 +5,12 @@ Export decisions, in one place:
   prefill split at the pruning layers, see methods/segments.py) and `decode` (one token
   through every layer with per-segment caches). One graph set per budget.
 - Tracing: the legacy TorchScript exporter (`dynamo=False`) over our own segment modules,
-  with the inputs recorded from a real run of the method. It is 10-20x faster than dynamo
-  here and keeps every dimension symbolic because the modules make no Python decisions from
-  tensor sizes (shared/reference/onnx_export_notes.md). Opset 17.
+  with the inputs recorded from a real run of the method on a short example (two prompts,
+  48 visual tokens). It is 10-20x faster than dynamo here and keeps every dimension
+  symbolic because the modules make no Python decisions from tensor sizes
+  (shared/reference/onnx_export_notes.md); the parity tests run the graphs at full size.
+  Opset 17. No constant folding at export: it would copy every transposed weight (14 GB
+  more at 7B); ONNX Runtime and TensorRT fold those transposes when they load the graph.
 - Custom ops: `sparsevlm::TopKTokenSelect|TokenPrune|TokenRecycle` nodes with
   `plugin_namespace`/`plugin_version`, each with a model-local function body traced from
   the PyTorch reference (export/onnx_ops.py), so stock ONNX Runtime runs them.
@@ -47,6 +50,7 @@ from . import profiles as profile_lib
 from .onnx_ops import DOMAIN, FUNCTION_OPSET, ONNX_OPS, OP_VERSION, attach_functions, register_schemas
 
 IR_VERSION = 10
+EXAMPLE_VISUAL_TOKENS = 48  # visual tokens in the tracing example (see _ShortVisualExecutor)
 
 # Dynamic dimension names per tensor name (segment index substituted for {s}).
 _INPUT_DIMS = {
@@ -120,17 +124,38 @@ class _RecordingExecutor(TorchExecutor):
         return super().decode(inputs)
 
 
+class _ShortVisualExecutor(_RecordingExecutor):
+    """Hands the LM segments only the first `tokens` visual tokens of the image: every
+    dimension is symbolic in the traced graphs, so a short example traces the same graph
+    as a full one, and tracing a 7B model stays affordable on a CPU."""
+
+    def __init__(self, model, plan, tokens):
+        super().__init__(model, plan)
+        self.tokens = tokens
+
+    def vision(self, pixel_values):
+        out = super().vision(pixel_values)
+        return {name: value[:, :self.tokens] for name, value in out.items()}
+
+
+def example_visual_tokens(plan) -> int:
+    """Visual tokens in the tracing example: enough for every top-k the method runs."""
+    needed = max(EXAMPLE_VISUAL_TOKENS, plan.fastv_keep or 0)
+    available = plan.fastervlm_keep if plan.method == "fastervlm" else plan.num_visual
+    return min(needed, available)
+
+
 def _example_run(model, plan):
     """Two prompts of different lengths through the method; records every graph's inputs."""
     config = model.config
     vocab, image = config.text_config.vocab_size, config.image_token_id
     gen = torch.Generator().manual_seed(0)
-    draw = lambda n: [t for t in torch.randint(3, vocab, (n,), generator=gen).tolist() if t != image][:n]
+    draw = lambda n: [t for t in torch.randint(3, vocab, (2 * n,), generator=gen).tolist() if t != image][:n]
     ids = [[1] + draw(3) + [image] + draw(9), [1] + draw(5) + [image] + draw(6)]
     size = config.vision_config.image_size
-    dtype = model.dtype
-    pixels = torch.randn(2, 3, size, size, generator=gen).to(dtype)
-    executor = _RecordingExecutor(model, plan)
+    pixels = torch.randn(2, 3, size, size, generator=gen).to(model.dtype)
+    tokens = example_visual_tokens(plan)
+    executor = _ShortVisualExecutor(model, plan, tokens)
     batch = make_region_batch(ids, image, plan.num_visual, 0)
     result = prefill(executor, plan, batch, pixels)
     for _ in decode_tokens(executor, plan_segments(plan), result, SamplingParams(max_new_tokens=2)):
@@ -149,7 +174,7 @@ def _trace(module, example: dict, output_names: list[str], path: Path, opset: in
         torch.onnx.export(wrapper, tuple(example.values()), str(path), dynamo=False, opset_version=opset,
                           input_names=input_names, output_names=onnx_outputs,
                           dynamic_axes={k: v for k, v in dynamic_axes.items() if v},
-                          custom_opsets={DOMAIN: OP_VERSION}, do_constant_folding=True)
+                          custom_opsets={DOMAIN: OP_VERSION}, do_constant_folding=False)
 
 
 def _finish_graph(path: Path) -> list[str]:
