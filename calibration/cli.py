@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sparsevlm.methods import ConfigError, InputError, SparseVLMConfig
+from sparsevlm.methods import SparseVLMConfig
 from sparsevlm.methods.loading import ModelNotFoundError
 
-from .data import CalibrationDataError, synthetic_samples
+from .data import synthetic_samples
 from .runner import calibrate
 from .store import CalibrationStateError
 
@@ -57,8 +57,8 @@ def config_from_args(args) -> SparseVLMConfig:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    data = synthetic_samples(args.synthetic) if args.synthetic is not None else args.data
     try:
+        data = synthetic_samples(args.synthetic) if args.synthetic is not None else args.data
         result = calibrate(args.model, config_from_args(args), data, args.out, max_profiles=args.max_profiles,
                            coverage=args.coverage, batch_size=args.batch_size, raw_prompts=args.raw_prompts,
                            dtype=args.dtype, device=args.device, overwrite=args.overwrite,
@@ -67,8 +67,8 @@ def main(argv=None) -> int:
         print(f"\ninterrupted: finished batches are saved in {args.out}/samples.jsonl; "
               "run the same command again to resume", file=sys.stderr)
         return 130
-    except (CalibrationDataError, CalibrationStateError, ConfigError, InputError, ModelNotFoundError,
-            ValueError) as error:
+    # data, config and input errors are ValueErrors; each message names the input at fault
+    except (ValueError, CalibrationStateError, ModelNotFoundError) as error:
         print(f"sparsevlm-calibrate: error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {result.calibration_path} and {result.report_path} "

@@ -281,6 +281,8 @@ def test_missing_data_file_and_cli_error(tmp_path, capsys):
     # data errors surface before the model is loaded (this model does not exist)
     code = cli.main(["--model", str(tmp_path / "no-model"), "--data", str(bad), "--out", str(tmp_path / "o")])
     assert code == 2 and "bad.jsonl:1: invalid JSON" in capsys.readouterr().err
+    code = cli.main(["--model", str(tmp_path / "no-model"), "--synthetic", "0", "--out", str(tmp_path / "o")])
+    assert code == 2 and "positive number of samples" in capsys.readouterr().err
 
 
 def test_synthetic_set_is_deterministic_and_varied():
