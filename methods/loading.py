@@ -17,6 +17,23 @@ ALIASES = {
     "llava-1.5-13b": "llava-hf/llava-1.5-13b-hf",
 }
 DEMO_ALIASES = ("demo", "sparsevlm-demo")
+# The published llava-hf configs (config.json of each repository; Llama fields not listed
+# are LlamaConfig's defaults, which are Vicuna-7B's), so `--random-weights` builds the real
+# architecture offline.
+_LLAVA_15 = {"model_type": "llava", "image_token_index": 32000, "pad_token_id": 32001, "projector_hidden_act": "gelu",
+             "tie_word_embeddings": False, "vision_feature_layer": -2, "vision_feature_select_strategy": "default",
+             "image_seq_length": 576,
+             "vision_config": {"model_type": "clip_vision_model", "hidden_size": 1024, "image_size": 336,
+                               "intermediate_size": 4096, "num_attention_heads": 16, "num_hidden_layers": 24,
+                               "patch_size": 14, "projection_dim": 768}}
+KNOWN_CONFIGS = {
+    "llava-hf/llava-1.5-7b-hf": {**_LLAVA_15, "text_config": {
+        "model_type": "llama", "vocab_size": 32064, "max_position_embeddings": 4096, "rms_norm_eps": 1e-05}},
+    "llava-hf/llava-1.5-13b-hf": {**_LLAVA_15, "text_config": {
+        "model_type": "llama", "vocab_size": 32064, "max_position_embeddings": 4096, "rms_norm_eps": 1e-05,
+        "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40, "num_attention_heads": 40,
+        "num_key_value_heads": 40}},
+}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -51,9 +68,11 @@ def download_hint(repo_id: str) -> str:
             f"(or `hf download {repo_id}`) and copy the cache, or pass the local directory to --model")
 
 
-def load_config(name: str):
-    from transformers import AutoConfig
+def load_config(name: str, random_weights: bool = False):
+    from transformers import AutoConfig, LlavaConfig
     location, local = resolve_model(name)
+    if random_weights and not local and location in KNOWN_CONFIGS:
+        return LlavaConfig(**KNOWN_CONFIGS[location]), location
     try:
         return AutoConfig.from_pretrained(location, trust_remote_code=False), location
     except OSError as error:
@@ -69,7 +88,7 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", random_we
     from transformers import LlavaForConditionalGeneration
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
-    config, location = load_config(name)
+    config, location = load_config(name, random_weights)
     if config.model_type != "llava":
         from .modeling import UnsupportedModelError
         raise UnsupportedModelError(f"model: {name} is a {config.model_type!r} checkpoint; "
