@@ -4,7 +4,8 @@ What runs where:
 - always: `find_plugin_library` errors; with nvcc: every kernel `.cu` compiles for sm_80 and
   sm_90 (they include no TensorRT header), and CMake's clear error without TensorRT headers;
 - with TensorRT headers (TENSORRT_ROOT pointing at a folder with include/NvInfer.h, e.g. a
-  checkout of github.com/NVIDIA/TensorRT): the CMake build of both library variants, their
+  checkout of github.com/NVIDIA/TensorRT; TensorRT_INCLUDE_DIR; or the 10.14 headers inside an
+  installed `kernel-lens` wheel): the CMake build of both library variants, their
   exported symbols and dependencies, and the C++ harness (tests/harness.cpp) on the CPU;
 - with the `tensorrt-lean` wheels as well: loading into TensorRT's plugin registry on the
   CPU, every creator with its fields, plugin creation in both phases, the static registrar.
@@ -13,6 +14,7 @@ Registry checks run in a subprocess each: a registry crash must not take pytest 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -40,10 +42,20 @@ def _nvcc() -> str | None:
     return found
 
 
+def _wheel_headers() -> str | None:
+    """TensorRT 10.x headers vendored by the `kernel-lens` wheel (pip install --no-deps
+    kernel-lens), located without importing the package (it would import torch and triton)."""
+    spec = importlib.util.find_spec("kernel_lens")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return str(Path(list(spec.submodule_search_locations)[0]) / "include" / "tensorrt")
+
+
 def _tensorrt_include() -> Path | None:
-    """The TensorRT header folder: $TensorRT_INCLUDE_DIR, else $TENSORRT_ROOT/include."""
+    """The TensorRT header folder: $TensorRT_INCLUDE_DIR, else $TENSORRT_ROOT/include, else the
+    headers of an installed kernel-lens wheel."""
     for folder in (os.environ.get("TensorRT_INCLUDE_DIR"), os.environ.get("TENSORRT_ROOT") and
-                   str(Path(os.environ["TENSORRT_ROOT"]) / "include")):
+                   str(Path(os.environ["TENSORRT_ROOT"]) / "include"), _wheel_headers()):
         if folder and (Path(folder) / "NvInfer.h").is_file():
             return Path(folder)
     return None
@@ -130,7 +142,8 @@ def built(tmp_path_factory) -> Path:
     include = _tensorrt_include()
     if include is None:
         pytest.skip("TensorRT headers not available: set TENSORRT_ROOT to a folder with include/NvInfer.h "
-                    "(e.g. a checkout of github.com/NVIDIA/TensorRT) or TensorRT_INCLUDE_DIR to the folder")
+                    "(e.g. a checkout of github.com/NVIDIA/TensorRT), TensorRT_INCLUDE_DIR to the folder, "
+                    "or pip install --no-deps kernel-lens (ships TensorRT 10.14 headers)")
     if shutil.which("cmake") is None or _nvcc() is None:
         pytest.skip("needs cmake and nvcc to build the plugin library")
     build_dir = tmp_path_factory.mktemp("plugin_build")
