@@ -280,3 +280,18 @@ def test_rank_keep_count_random_blocks(host_ops):
             attention, raters, visual_valid, lambda r, v: reference_keep("v1.0", r, v, 2.0, 1.0, 0.0))
         assert rank.tolist() == want_rank.tolist() == [true_rank] * 4
         assert keep.tolist() == want_keep.tolist()
+
+
+def test_rank_keep_count_tolerance_keeps_small_genuine_singular_values(host_ops):
+    # Singular values 1, 0.3, 1e-3, 1e-5 are all above eps_f32 * max(m, n) * sigma_max ~ 1.4e-6;
+    # 1e-10 is below it (and below float32 rounding). Hand-computed rank: 4.
+    generator = torch.Generator().manual_seed(2)
+    u, _ = torch.linalg.qr(torch.randn(8, 5, generator=generator, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(12, 5, generator=generator, dtype=torch.float64))
+    singular = torch.tensor([1.0, 0.3, 1e-3, 1e-5, 1e-10], dtype=torch.float64)
+    attention = ((u * singular) @ v.T).float()[None].contiguous()
+    raters = torch.ones(1, 8, dtype=torch.bool)
+    visual_valid = torch.ones(1, 12, dtype=torch.bool)
+    rank, _ = run_rank(host_ops, attention, raters, visual_valid, "paper", 1.0, 0.0, 1.0)
+    want_rank, _ = token_ops.rank_keep_count(attention, raters, visual_valid, lambda r, v: 0)
+    assert rank.tolist() == want_rank.tolist() == [4]
