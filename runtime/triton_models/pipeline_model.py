@@ -1,0 +1,376 @@
+"""Triton Python-backend model: sparsevlm generation in-process (written by sparsevlm-triton).
+
+Copied as `<model>/1/model.py` into every generate model of a repository:
+- `<name>`         request/response with dynamic batching;
+- `<name>_stream`  decoupled (config `model_transaction_policy { decoupled: true }`): one
+                   response per generated token, then a final one with `kept_per_layer` (and the
+                   rest of the text, if the last piece ended inside a UTF-8 sequence);
+- the TensorRT flavour's orchestrator (`backend` parameter `triton-bls`): the runtime's
+  generation loop with every graph executed as a BLS call to its `tensorrt_plan` model.
+
+Config parameters (all strings): `artifact` (absolute, or relative to the repository),
+`sparsevlm_site_dirs` (os.pathsep-separated dirs added with site.addsitedir, after the
+stub environment's own, so that `import sparsevlm` works while the stub keeps numpy<2),
+`backend` (auto | onnxruntime | tensorrt | torch | triton-bls), `max_batch`,
+`pipeline_module` (default `sparsevlm.runtime`: the module providing Pipeline and
+load_image), and for the
+orchestrator `graph_models` (JSON {graph: model}).
+
+Batching: the dynamic batcher hands `execute` several requests. Greedy rows (temperature 0)
+with the same max_new_tokens run as one batch of the runtime (rows are independent: per-row
+keep counts, padding and masks). Sampled rows run per request, so a seed gives the same
+tokens as an in-process `Pipeline.generate` call with that request's rows. A request whose
+input is bad gets its own error response; the others in the batch are unaffected.
+"""
+
+import json
+import os
+import site
+import sys
+import threading
+import traceback
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+DEFAULTS = {"max_new_tokens": 32, "temperature": 0.0, "top_p": 1.0, "seed": None}
+MAX_NEW_TOKENS_LIMIT = 1024
+
+
+class RequestError(ValueError):
+    """A request the model rejects (its message goes back to the client)."""
+
+
+def _scalar_rows(request, name, rows, cast):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return [DEFAULTS[name]] * rows
+    values = tensor.as_numpy().reshape(-1)
+    if values.size != rows:
+        raise RequestError(f"{name}: expected one value per row ({rows}), got {values.size}")
+    return [cast(v) for v in values]
+
+
+def _bytes_rows(request, name):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        raise RequestError(f"{name}: missing required input")
+    values = tensor.as_numpy().reshape(-1)
+    if values.size == 0:
+        raise RequestError(f"{name}: empty tensor")
+    return [v if isinstance(v, bytes) else bytes(v) if not isinstance(v, str) else v.encode() for v in values]
+
+
+class Row:
+    __slots__ = ("request", "index", "image", "prompt", "params", "result")
+
+    def __init__(self, request, index, image, prompt, params):
+        self.request, self.index, self.image, self.prompt, self.params = request, index, image, prompt, params
+        self.result = None  # (text, token_ids, kept_per_layer)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.model_config = config = json.loads(args["model_config"])
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        for directory in params.get("sparsevlm_site_dirs", "").split(os.pathsep):
+            if directory and directory not in sys.path:
+                site.addsitedir(directory)
+        import importlib
+
+        runtime = importlib.import_module(params.get("pipeline_module") or "sparsevlm.runtime")
+        Pipeline, self.load_image = runtime.Pipeline, runtime.load_image
+        artifact = Path(params["artifact"])
+        if not artifact.is_absolute():
+            artifact = Path(args["model_repository"]).resolve().parent / artifact
+        self.name = args["model_name"]
+        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
+        self.max_batch = max(1, int(config.get("max_batch_size", 0)) or 1)
+        backend = params.get("backend", "auto")
+        if backend == "triton-bls":
+            from sparsevlm.runtime.artifact import Artifact
+
+            loaded = Artifact.load(str(artifact))
+            self.pipe = Pipeline(loaded, TritonBLSExecutor(loaded, json.loads(params["graph_models"])), backend)
+        elif backend == "auto":
+            self.pipe = None
+            if _cuda_available():
+                try:
+                    self.pipe = Pipeline.load(str(artifact), backend="tensorrt")
+                    backend = "tensorrt"
+                except Exception as error:  # no engines in the artifact, or no TensorRT: fall back
+                    pb_utils.Logger.log_warn(f"{self.name}: tensorrt backend unavailable ({error}); using onnxruntime")
+            if self.pipe is None:
+                backend = "onnxruntime"
+                self.pipe = Pipeline.load(str(artifact), backend=backend)
+        else:
+            self.pipe = Pipeline.load(str(artifact), backend=backend)
+        self.backend = backend
+        self.lock = threading.Lock()
+        pb_utils.Logger.log_info(f"{self.name}: loaded {artifact} with backend {backend} "
+                                 f"(decoupled={self.decoupled}, max_batch={self.max_batch})")
+
+    # ----------------------------------------------------------------------------------
+    def _parse(self, request):
+        images = _bytes_rows(request, "image")
+        prompts = _bytes_rows(request, "prompt")
+        if len(images) != len(prompts):
+            raise RequestError(f"image/prompt: expected one image per prompt, got {len(images)} and {len(prompts)}")
+        rows = len(prompts)
+        max_new = _scalar_rows(request, "max_new_tokens", rows, int)
+        temps = _scalar_rows(request, "temperature", rows, float)
+        top_ps = _scalar_rows(request, "top_p", rows, float)
+        seeds = _scalar_rows(request, "seed", rows, lambda v: int(v))
+        parsed = []
+        for i in range(rows):
+            try:
+                prompt = prompts[i].decode("utf-8")
+            except UnicodeDecodeError:
+                raise RequestError(f"prompt: row {i} is not valid UTF-8") from None
+            if not 1 <= max_new[i] <= MAX_NEW_TOKENS_LIMIT:
+                raise RequestError(f"max_new_tokens: expected 1..{MAX_NEW_TOKENS_LIMIT}, got {max_new[i]}")
+            if not (temps[i] >= 0 and np.isfinite(temps[i])):
+                raise RequestError(f"temperature: expected a finite value >= 0, got {temps[i]}")
+            if not 0 < top_ps[i] <= 1:
+                raise RequestError(f"top_p: expected a value in (0, 1], got {top_ps[i]}")
+            try:
+                image = self.load_image(images[i])
+            except ValueError as error:
+                raise RequestError(f"row {i}: {error}") from None
+            parsed.append(Row(request, i, image, prompt,
+                              {"max_new_tokens": max_new[i], "temperature": temps[i], "top_p": top_ps[i],
+                               "seed": seeds[i]}))
+        if len(parsed) > 1 and self.decoupled:
+            raise RequestError(f"{self.name} streams one row per request; got {len(parsed)} rows")
+        return parsed
+
+    def _groups(self, rows):
+        """Greedy rows batch across requests (keyed by max_new_tokens); sampled rows per request."""
+        groups = {}
+        for row in rows:
+            p = row.params
+            if p["temperature"] == 0:
+                key = ("greedy", p["max_new_tokens"])
+            else:
+                key = ("sampled", id(row.request), p["max_new_tokens"], p["temperature"], p["top_p"], p["seed"])
+            groups.setdefault(key, []).append(row)
+        for key, members in groups.items():
+            for start in range(0, len(members), self.max_batch):
+                yield members[start:start + self.max_batch]
+
+    def _generate(self, rows, on_token=None):
+        p = rows[0].params
+        with self.lock:
+            out = self.pipe.generate([r.image for r in rows], [r.prompt for r in rows],
+                                     max_new_tokens=p["max_new_tokens"], temperature=p["temperature"],
+                                     top_p=p["top_p"], seed=p["seed"], on_token=on_token)
+        for i, row in enumerate(rows):
+            row.result = (out.texts[i], [int(t) for t in out.token_ids[i]], [int(k) for k in out.kept_per_layer[i]])
+        return out
+
+    # ----------------------------------------------------------------------------------
+    def execute(self, requests):
+        if self.decoupled:
+            return self._execute_stream(requests)
+        errors, rows = {}, []
+        for i, request in enumerate(requests):
+            try:
+                rows.extend(self._parse(request))
+            except RequestError as error:
+                errors[i] = str(error)
+        failed = set()
+        for group in self._groups(rows):
+            try:
+                self._generate(group)
+            except Exception as error:  # noqa: BLE001 - isolate: rerun each request of the group alone
+                if len({id(r.request) for r in group}) == 1:
+                    failed.add(id(group[0].request))
+                    errors.setdefault(_index(requests, group[0].request), _message(error))
+                    continue
+                for request_id in {id(r.request) for r in group}:
+                    alone = [r for r in group if id(r.request) == request_id]
+                    try:
+                        self._generate(alone)
+                    except Exception as inner:  # noqa: BLE001
+                        errors.setdefault(_index(requests, alone[0].request), _message(inner))
+        responses = []
+        for i, request in enumerate(requests):
+            if i in errors:
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(errors[i])))
+                continue
+            mine = sorted((r for r in rows if r.request is request), key=lambda r: r.index)
+            responses.append(pb_utils.InferenceResponse(output_tensors=_outputs([r.result for r in mine])))
+        return responses
+
+    def _execute_stream(self, requests):
+        rows, senders = [], {}
+        for request in requests:
+            sender = senders[id(request)] = request.get_response_sender()
+            try:
+                rows.extend(self._parse(request))
+            except RequestError as error:
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))),
+                            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        for group in self._groups(rows):
+            stop_ids = set(_stop_ids(self.pipe))
+            streamed = [[] for _ in group]
+            finished = [False] * len(group)
+            sent = [""] * len(group)
+
+            def on_token(step, tokens, group=group, streamed=streamed, finished=finished, sent=sent):
+                values = tokens.tolist() if hasattr(tokens, "tolist") else list(tokens)
+                for j, row in enumerate(group):
+                    if finished[j]:
+                        continue
+                    token = int(values[j])
+                    streamed[j].append(token)
+                    text = _decode(self.pipe, streamed[j])
+                    piece = ""
+                    if not text.endswith("\ufffd"):  # hold back an incomplete UTF-8 sequence
+                        piece, sent[j] = text[len(sent[j]):], text
+                    senders[id(row.request)].send(pb_utils.InferenceResponse(output_tensors=[
+                        pb_utils.Tensor("token_ids", np.array([[token]], dtype=np.int64)),
+                        pb_utils.Tensor("text", np.array([[piece.encode("utf-8")]], dtype=np.object_))]))
+                    if token in stop_ids:
+                        finished[j] = True
+
+            try:
+                self._generate(group, on_token=on_token)
+            except Exception as error:  # noqa: BLE001
+                for row in group:
+                    senders[id(row.request)].send(pb_utils.InferenceResponse(error=pb_utils.TritonError(_message(error))),
+                                                  flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                continue
+            for j, row in enumerate(group):
+                text, tokens, kept = row.result
+                if streamed[j][:len(tokens)] != tokens:
+                    error = f"internal: streamed tokens {streamed[j]} differ from the result {tokens}"
+                    senders[id(row.request)].send(pb_utils.InferenceResponse(error=pb_utils.TritonError(error)),
+                                                  flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                    continue
+                senders[id(row.request)].send(pb_utils.InferenceResponse(output_tensors=[
+                    pb_utils.Tensor("token_ids", np.zeros((1, 0), dtype=np.int64)),
+                    pb_utils.Tensor("text", np.array([[text[len(sent[j]):].encode("utf-8")]], dtype=np.object_)),
+                    pb_utils.Tensor("kept_per_layer", np.array([kept], dtype=np.int64))]),
+                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
+
+    def finalize(self):
+        self.pipe = None
+
+
+class TritonBLSExecutor:
+    """The runtime's executor interface (vision / segment(i) / decode / select_profile) with
+    every graph run as a BLS request to its model in this repository (`tensorrt_plan`
+    engines in the TensorRT flavour). The runtime's ProfilePlanner chooses each segment's
+    profile from the keep counts and pads `visual_width` up to it (Pipeline._plan_segment),
+    so the request's shapes lie inside exactly that profile; the TensorRT backend runs a
+    request on the execution context of the profile that contains its shapes (every
+    instance lists every profile). CUDA tensors travel by DLPack, CPU ones as numpy."""
+
+    def __init__(self, artifact, graph_models):
+        graphs = artifact.manifest["graphs"]
+        missing = [name for name in graphs if name not in graph_models]
+        if missing:
+            raise ValueError(f"graph_models: no model for graph(s) {missing}")
+        self.artifact, self.models = artifact, graph_models
+        self.inputs = {name: [i["name"] for i in graphs[name]["inputs"]] for name in graphs}
+        self.outputs = {name: [o["name"] for o in graphs[name]["outputs"]] for name in graphs}
+        self.profile = {}
+
+    def select_profile(self, graph, index):
+        self.profile[graph] = index  # recorded; the shapes (already padded) select the context
+
+    def _run(self, name, inputs):
+        import torch
+        from torch.utils import dlpack
+
+        tensors = []
+        for key in self.inputs[name]:
+            value = inputs[key]
+            if value.is_cuda:
+                tensors.append(pb_utils.Tensor.from_dlpack(key, dlpack.to_dlpack(value.contiguous())))
+            else:
+                tensors.append(pb_utils.Tensor(key, np.ascontiguousarray(value.detach().numpy())))
+        response = pb_utils.InferenceRequest(model_name=self.models[name], inputs=tensors,
+                                             requested_output_names=self.outputs[name]).exec()
+        if response.has_error():
+            raise RuntimeError(f"BLS {self.models[name]}: {response.error().message()}")
+        rename = self.artifact.output_names(name)
+        outputs = {}
+        for key in self.outputs[name]:
+            tensor = pb_utils.get_output_tensor_by_name(response, key)
+            if tensor.is_cpu():
+                outputs[rename.get(key, key)] = torch.from_numpy(np.array(tensor.as_numpy()))
+            else:
+                outputs[rename.get(key, key)] = dlpack.from_dlpack(tensor.to_dlpack())
+        return outputs
+
+    def vision(self, pixel_values):
+        return self._run("vision", {"pixel_values": pixel_values})
+
+    def segment(self, index, inputs):
+        return self._run(f"segment_{index}", inputs)
+
+    def decode(self, inputs):
+        return self._run("decode", inputs)
+
+
+def _outputs(results):
+    width = max((len(r[1]) for r in results), default=0)
+    ids = np.full((len(results), width), -1, dtype=np.int64)
+    for i, (_, tokens, _) in enumerate(results):
+        ids[i, :len(tokens)] = tokens
+    layers = max((len(r[2]) for r in results), default=0)
+    kept = np.full((len(results), layers), -1, dtype=np.int64)
+    for i, (_, _, k) in enumerate(results):
+        kept[i, :len(k)] = k
+    text = np.array([[r[0].encode("utf-8")] for r in results], dtype=np.object_)
+    return [pb_utils.Tensor("text", text), pb_utils.Tensor("token_ids", ids), pb_utils.Tensor("kept_per_layer", kept)]
+
+
+def _index(requests, request):
+    return next(i for i, r in enumerate(requests) if r is request)
+
+
+def _message(error):
+    if isinstance(error, ValueError):  # the runtime's InputError and friends: the client's fault
+        return f"{type(error).__name__}: {error}"
+    return f"internal error: {type(error).__name__}: {error}\n{traceback.format_exc(limit=3)}"
+
+
+def _cuda_available():
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _stop_ids(pipe):
+    for attr in ("stop_token_ids", "eos_token_ids"):
+        value = getattr(pipe, attr, None)
+        if value is not None:
+            return [int(v) for v in (value if isinstance(value, (list, tuple, set)) else [value])]
+    tokenizer = _tokenizer(pipe)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return [] if eos is None else [int(eos)]
+
+
+def _tokenizer(pipe):
+    for attr in ("tokenizer", "processor"):
+        value = getattr(pipe, attr, None)
+        if value is not None:
+            return getattr(value, "tokenizer", value)
+    return None
+
+
+def _decode(pipe, ids):
+    if hasattr(pipe, "decode"):
+        return pipe.decode(ids)
+    tokenizer = _tokenizer(pipe)
+    if tokenizer is None:
+        return ""
+    return tokenizer.decode(ids, skip_special_tokens=True)
