@@ -3,8 +3,8 @@
 //
 // Per row: P = rater rows x valid visual columns (m x n). Its singular values come from a
 // one-sided Jacobi SVD (Hestenes) in float64: the min(m, n) "vectors" (rows of P when m <= n,
-// else its columns) are rotated pairwise until mutually orthogonal; their norms are then the
-// singular values. rank = #{sigma > eps_f32 * max(m, n) * sigma_max}, torch.linalg.matrix_rank's
+// else its columns) are rotated pairwise, in round-robin sweeps, until mutually orthogonal;
+// their norms are then the singular values. rank = #{sigma > eps_f32 * max(m, n) * sigma_max}, torch.linalg.matrix_rank's
 // default tolerance for float32. Float64 keeps the rounding noise of a rank-deficient block
 // (~1e-16 * sigma_max) far below that tolerance, where a float32 SVD's noise sits within a
 // small factor of it; this is the exact rank of the float32 input, which torch agrees with
@@ -115,6 +115,26 @@ SPARSEVLM_HD inline bool jacobiRotation(double alpha, double beta, double gamma,
     return true;
 }
 
+// Sweep order: the round-robin ("circle") schedule. The vectors, padded to an even number of
+// "players", meet in players - 1 steps of players / 2 disjoint pairs each, every pair (p, q)
+// exactly once per sweep. Pairs of one step touch different vectors, so the device rotates
+// them all at once (one warp per pair); the CPU path visits them in the same order.
+SPARSEVLM_HD inline int64_t roundRobinPlayers(int64_t count)
+{
+    return count < 2 ? 0 : count + (count & 1);
+}
+
+// Pair k of `step`: false when it involves the padding vector (odd count).
+SPARSEVLM_HD inline bool roundRobinPair(int64_t count, int64_t step, int64_t k, int64_t& p, int64_t& q)
+{
+    int64_t const ring = roundRobinPlayers(count) - 1; // player `ring` stays put, the others rotate
+    int64_t const a = k == 0 ? step : (step + k) % ring;
+    int64_t const b = k == 0 ? ring : (step - k + ring) % ring;
+    p = a < b ? a : b;
+    q = a < b ? b : a;
+    return q < count;
+}
+
 // Apply the rotation to element e of vectors p and q: a_p' = c a_p - s a_q, a_q' = s a_p + c a_q.
 SPARSEVLM_HD inline void rotateElement(Block const& k, int64_t p, int64_t q, double c, double s, int64_t e)
 {
@@ -184,7 +204,7 @@ SPARSEVLM_HD inline int64_t keepCount(RuleParams const& params, int64_t rank, in
     return keep < 0.0 ? 0 : static_cast<int64_t>(keep);
 }
 
-// The CPU path: the same functions, the pair sums accumulated serially.
+// The CPU path: the same functions and sweep order, the pair sums accumulated serially.
 template <typename T>
 inline void runOnHost(T const* attention, bool const* raters, bool const* visualValid, int64_t* rank,
     int64_t* keep, Shape const& s, RuleParams const& params, void* workspace)
@@ -202,13 +222,20 @@ inline void runOnHost(T const* attention, bool const* raters, bool const* visual
                 copyElement(attention + b * s.numRaters * s.numVisual, rowRaters, rowValid, k, s.numVisual, t, v);
             }
         }
-        for (int32_t sweep = 0; sweep < kMaxSweeps; ++sweep)
+        int64_t const players = roundRobinPlayers(k.count);
+        for (int32_t sweep = 0; sweep < kMaxSweeps && players > 0; ++sweep)
         {
             bool rotated = false;
-            for (int64_t p = 0; p < k.count; ++p)
+            for (int64_t step = 0; step < players - 1; ++step)
             {
-                for (int64_t q = p + 1; q < k.count; ++q)
+                for (int64_t pair = 0; pair < players / 2; ++pair)
                 {
+                    int64_t p = 0;
+                    int64_t q = 0;
+                    if (!roundRobinPair(k.count, step, pair, p, q))
+                    {
+                        continue;
+                    }
                     double sums[3] = {0.0, 0.0, 0.0};
                     for (int64_t e = 0; e < k.length; ++e)
                     {

@@ -1,7 +1,8 @@
 // CUDA kernel of RankKeepCount: one block per batch row runs the one-sided Jacobi SVD of
-// rank_keep_count.h. Each pair (p, q) needs three dot products (a block reduction), then
-// every thread rotates its elements; the sweep repeats until no pair needed a rotation.
-// The blocks are small (raters x visual, a few hundred KB), so one block per row suffices.
+// rank_keep_count.h. Sweeps follow the round-robin schedule: within a step the pairs are
+// disjoint, so each warp takes pairs on its own (three dot products reduced with shuffles,
+// then the rotation of both vectors) and the block synchronizes once per step. The sweep
+// repeats until no pair needed a rotation.
 #include "rank_keep_count_kernel.h"
 
 namespace sparsevlm
@@ -10,17 +11,57 @@ namespace
 {
 
 constexpr int kThreads = 256;
+constexpr int kWarp = 32;
+constexpr unsigned kFullMask = 0xFFFFFFFFU;
+
+__device__ double warpSum(double value)
+{
+    for (int offset = kWarp / 2; offset > 0; offset /= 2)
+    {
+        value += __shfl_xor_sync(kFullMask, value, offset);
+    }
+    return value;
+}
+
+// One pair (p, q), by one warp: returns whether it rotated.
+__device__ bool orthogonalizePair(rankkeep::Block const& k, int64_t p, int64_t q, int lane)
+{
+    double sums[3] = {0.0, 0.0, 0.0};
+    for (int64_t e = lane; e < k.length; e += kWarp)
+    {
+        double terms[3];
+        rankkeep::pairTerms(k, p, q, e, terms);
+        sums[0] += terms[0];
+        sums[1] += terms[1];
+        sums[2] += terms[2];
+    }
+    for (double& sum : sums)
+    {
+        sum = warpSum(sum); // every lane ends with the full sums: all decide the same
+    }
+    double c = 1.0;
+    double s = 0.0;
+    if (!rankkeep::jacobiRotation(sums[0], sums[1], sums[2], c, s))
+    {
+        return false;
+    }
+    for (int64_t e = lane; e < k.length; e += kWarp)
+    {
+        rankkeep::rotateElement(k, p, q, c, s, e);
+    }
+    return true;
+}
 
 template <typename T>
 __global__ void rankKernel(T const* attention, bool const* raters, bool const* visualValid, int64_t* rank,
     int64_t* keep, rankkeep::Shape s, rankkeep::RuleParams params, void* workspace)
 {
-    __shared__ double partial[3][kThreads];
-    __shared__ double rotation[2];
-    __shared__ bool doRotate;
     __shared__ bool rotatedInSweep;
 
     int64_t const b = blockIdx.x;
+    int const lane = threadIdx.x % kWarp;
+    int const warp = threadIdx.x / kWarp;
+    int const numWarps = blockDim.x / kWarp;
     bool const* rowRaters = raters + b * s.numRaters;
     bool const* rowValid = visualValid + b * s.numVisual;
     double* data = reinterpret_cast<double*>(static_cast<char*>(workspace) + b * rankkeep::rowScratchBytes(s));
@@ -31,67 +72,37 @@ __global__ void rankKernel(T const* attention, bool const* raters, bool const* v
         rankkeep::copyElement(attention + b * s.numRaters * s.numVisual, rowRaters, rowValid, k, s.numVisual,
             element / s.numVisual, element % s.numVisual);
     }
-    __syncthreads();
 
-    for (int32_t sweep = 0; sweep < rankkeep::kMaxSweeps; ++sweep)
+    int64_t const players = rankkeep::roundRobinPlayers(k.count);
+    for (int32_t sweep = 0; sweep < rankkeep::kMaxSweeps && players > 0; ++sweep)
     {
         if (threadIdx.x == 0)
         {
             rotatedInSweep = false;
         }
-        for (int64_t p = 0; p < k.count; ++p)
+        __syncthreads(); // the block is copied and the flag reset before the first step
+        for (int64_t step = 0; step < players - 1; ++step)
         {
-            for (int64_t q = p + 1; q < k.count; ++q)
+            for (int64_t pair = warp; pair < players / 2; pair += numWarps)
             {
-                double sums[3] = {0.0, 0.0, 0.0};
-                for (int64_t e = threadIdx.x; e < k.length; e += blockDim.x)
+                int64_t p = 0;
+                int64_t q = 0;
+                if (rankkeep::roundRobinPair(k.count, step, pair, p, q) && orthogonalizePair(k, p, q, lane)
+                    && lane == 0)
                 {
-                    double terms[3];
-                    rankkeep::pairTerms(k, p, q, e, terms);
-                    sums[0] += terms[0];
-                    sums[1] += terms[1];
-                    sums[2] += terms[2];
+                    rotatedInSweep = true;
                 }
-                for (int i = 0; i < 3; ++i)
-                {
-                    partial[i][threadIdx.x] = sums[i];
-                }
-                __syncthreads();
-                for (int stride = kThreads / 2; stride > 0; stride /= 2)
-                {
-                    if (threadIdx.x < stride)
-                    {
-                        for (int i = 0; i < 3; ++i)
-                        {
-                            partial[i][threadIdx.x] += partial[i][threadIdx.x + stride];
-                        }
-                    }
-                    __syncthreads();
-                }
-                if (threadIdx.x == 0)
-                {
-                    doRotate = rankkeep::jacobiRotation(partial[0][0], partial[1][0], partial[2][0], rotation[0],
-                        rotation[1]);
-                    rotatedInSweep = rotatedInSweep || doRotate;
-                }
-                __syncthreads();
-                if (doRotate)
-                {
-                    for (int64_t e = threadIdx.x; e < k.length; e += blockDim.x)
-                    {
-                        rankkeep::rotateElement(k, p, q, rotation[0], rotation[1], e);
-                    }
-                }
-                __syncthreads();
             }
+            __syncthreads(); // the next step's pairs read vectors this step rotated
         }
-        __syncthreads();
-        if (!rotatedInSweep)
+        bool const again = rotatedInSweep;
+        __syncthreads(); // everyone has read the flag before thread 0 resets it
+        if (!again)
         {
             break;
         }
-        __syncthreads(); // everyone has read the flag before thread 0 resets it
     }
+    __syncthreads();
 
     if (threadIdx.x == 0)
     {
