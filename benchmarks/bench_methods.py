@@ -65,7 +65,9 @@ def main() -> None:
     parser.add_argument("--prefix", type=int, default=35, help="prompt tokens before the image")
     parser.add_argument("--text", type=int, default=40, help="prompt tokens after the image")
     parser.add_argument("--repeats", type=int, default=3)
-    X
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1: on a shared, oversubscribed CPU two "
+                             "OpenMP threads measured 3-10x slower and far noisier; 0: torch's default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
