@@ -4,8 +4,11 @@ segments. The generation loop itself is the one in sparsevlm.methods.generation.
 from __future__ import annotations
 
 import io
+import queue
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -105,6 +108,33 @@ class Pipeline:
                          kept_per_layer=[[layer["keep_count"][row] for layer in out.trace["layers"]]
                                          for row in range(len(token_ids))],
                          trace=out.trace, timings=out.timings, profiles=out.profiles, accounting=out.accounting)
+
+    def stream(self, images, prompts: list[str], **kwargs) -> Iterator[list[int]]:
+        """Like `generate`, as an iterator over each step's tokens (one per row, pad after a
+        row stopped); `StopIteration.value` is the RunOutput."""
+        return _stream(self.generate, images=images, prompts=prompts, **kwargs)
+
+
+def _stream(generate, **kwargs) -> Iterator[list[int]]:
+    """Run `generate(on_token=...)` in a thread and yield each step's tokens (one per row);
+    the generator's return value is the final RunOutput. Errors surface in the caller."""
+    events: queue.Queue = queue.Queue()
+
+    def work():
+        try:
+            events.put(("done", generate(on_token=lambda step, tokens: events.put(("token", tokens.tolist())), **kwargs)))
+        except BaseException as error:  # re-raised in the consumer's thread
+            events.put(("error", error))
+
+    threading.Thread(target=work, daemon=True).start()
+    while True:
+        kind, value = events.get()
+        if kind == "token":
+            yield value
+        elif kind == "error":
+            raise value
+        else:
+            return value
 
 
 def _until_stop(row: list[int], stops: tuple[int, ...]) -> list[int]:
