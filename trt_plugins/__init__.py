@@ -65,6 +65,9 @@ def build_plugin_library(build_dir: str | os.PathLike | None = None,
     Raises FileNotFoundError when cmake is missing, RuntimeError (with CMake's output) when
     configuring or building fails, e.g. because the TensorRT headers cannot be found.
     """
+    if not (SOURCE_DIR / "CMakeLists.txt").is_file():
+        raise FileNotFoundError(f"the plugin sources are not next to {__file__} (a wheel without them?); "
+                                "build from a source checkout of sparsevlm-trt")
     cmake = shutil.which("cmake")
     if cmake is None:
         raise FileNotFoundError("cmake is not on PATH; it is needed to build the TensorRT plugin library")
