@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import statistics
 import tempfile
 from dataclasses import dataclass
@@ -129,9 +130,10 @@ def run_batch(vlm: SparseLlava, samples: Sequence[CalibrationSample], raw_prompt
         inputs = vlm.prepare(images, [s.prompt for s in samples], chat_template=not raw_prompts)
         batch = make_region_batch(inputs["input_ids"], vlm.model.config.image_token_id,
                                   vlm.plan.num_visual, vlm.pad_id)
-    except InputError as error:  # its "prompt N" counts rows of this batch; name the samples
-        origins = ", ".join(s.origin for s in samples)
-        raise CalibrationDataError(f"one of the samples {origins}: {error}") from error
+    except InputError as error:  # its "prompt N" counts rows of this batch: name the sample instead
+        row = re.match(r"prompt (\d+):", str(error))
+        where = samples[int(row.group(1))].origin if row else ", ".join(s.origin for s in samples)
+        raise CalibrationDataError(f"{where}: {error}") from error
     result = prefill(vlm.executor, vlm.plan, batch, inputs["pixel_values"])
     return records_from_prefill(result, vlm.plan, samples)
 

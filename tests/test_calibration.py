@@ -164,6 +164,25 @@ def test_fixed_schedule_gives_one_exact_profile(vlm, tmp_path):
         assert low == opt == high
 
 
+def test_fixed_count_methods(vlm, tmp_path):
+    fastv = calibrate(vlm, SparseVLMConfig(method="fastv", K=2, R=0.5), synthetic_samples(2), tmp_path / "fastv",
+                      batch_size=2, progress=False)
+    assert [s["buckets"] for s in fastv.calibration["segments"]] == [[[288, 288, 288]]]
+    assert fastv.calibration["layers"][0]["rank"] is None and fastv.report_panels == 1
+    fastervlm = calibrate(vlm, SparseVLMConfig(method="fastervlm", budget=144), synthetic_samples(2),
+                          tmp_path / "fastervlm", batch_size=2, progress=False, report=False)
+    assert fastervlm.calibration["segments"] == []  # pruned before the LLM: nothing dynamic to profile
+    assert fastervlm.calibration["layers"][0]["keep_count"] == {"min": 144, "median": 144, "max": 144}
+
+
+def test_raw_prompt_the_model_rejects_names_its_line(vlm, tmp_path, good_image):
+    data = write_jsonl(tmp_path / "data.jsonl", [
+        json.dumps({"image": good_image, "prompt": "USER: <image>\nColor? ASSISTANT:"}),
+        json.dumps({"image": good_image, "prompt": "USER: What? ASSISTANT: <image>"})])  # nothing after the image
+    with pytest.raises(CalibrationDataError, match=r"data.jsonl:2: prompt 1: nothing follows the image"):
+        calibrate(vlm, CONFIG, data, tmp_path / "out", batch_size=2, raw_prompts=True, progress=False)
+
+
 def test_raw_prompts_give_the_same_records_as_the_chat_template(vlm, calibrated, tmp_path):
     samples = synthetic_samples(2)
     entries = []
