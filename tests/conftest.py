@@ -24,6 +24,17 @@ RAW_PROMPTS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def torch_single_thread():
+    """One intra-op thread for the methods tests (restored afterwards): the tiny demo model
+    gains nothing from a second thread, and on this shared, oversubscribed 2-core machine two
+    OpenMP threads ran 3-10x slower. Used by the test_methods_* modules through `pytestmark`."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory):
     from sparsevlm.methods.demo_model import build_demo_model

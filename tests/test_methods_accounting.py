@@ -11,6 +11,8 @@ import torch
 from sparsevlm.methods import SparseVLMConfig
 from sparsevlm.methods.accounting import layer_flops, run_accounting
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
 
 def test_layer_flops_by_hand():
     # n=3, d=2, m=5: 4*3*4 + 2*9*2 + 3*3*2*5 = 48 + 36 + 90

@@ -15,6 +15,8 @@ import torch
 
 from sparsevlm.methods import SparseVLMConfig
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
 METHODS = {
     "sparsevlm_v1.5_192": SparseVLMConfig(method="sparsevlm", budget=192),
     "sparsevlm_v1.0_192": SparseVLMConfig(method="sparsevlm", variant="v1.0", budget=192),

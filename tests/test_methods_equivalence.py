@@ -9,6 +9,8 @@ from transformers import GenerationConfig
 
 from sparsevlm.methods import SparseLlava, SparseVLMConfig
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
 NEW_TOKENS = 12
 NO_PRUNING = {
     "none": SparseVLMConfig(method="none"),

@@ -7,6 +7,8 @@ import torch
 
 from sparsevlm.methods import ConfigError, InputError, SparseLlava, SparseVLMConfig
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
 
 @pytest.fixture(scope="module")
 def vlm(make_vlm):

@@ -12,6 +12,8 @@ from sparsevlm.methods import SparseVLMConfig
 from sparsevlm.methods.accounting import visual_counts_per_layer
 from sparsevlm.methods.generation import validate_trace
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
 # methods.md 1.4: kept + recycled at layers 2 / 6 / 15, and the two token conventions at the
 # 32-layer LLaVA-1.5-7B shape.
 V15_TABLE = {

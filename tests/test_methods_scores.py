@@ -17,6 +17,8 @@ import torch
 from sparsevlm.methods import SparseVLMConfig
 from sparsevlm.methods.generation import make_region_batch
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
 NUM_VISUAL = 576
 
 

@@ -12,6 +12,8 @@ import torch
 from sparsevlm.methods import SparseVLMConfig, resolve
 from sparsevlm.methods import token_ops
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
 # --------------------------------------------------------------------------------------
 # Brute force (lists and loops, float64)
 # --------------------------------------------------------------------------------------
