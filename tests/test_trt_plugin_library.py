@@ -2,7 +2,9 @@
 
 What runs where:
 - always: `find_plugin_library` errors; with nvcc: every kernel `.cu` compiles for sm_80 and
-  sm_90 (they include no TensorRT header), and CMake's clear error without TensorRT headers;
+  sm_90 (they include no TensorRT header), the GPU check program (tests/gpu_check.cu) links
+  and, where a CUDA device is present, runs every kernel against the CPU path; CMake's clear
+  error without TensorRT headers;
 - with TensorRT headers (TENSORRT_ROOT pointing at a folder with include/NvInfer.h, e.g. a
   checkout of github.com/NVIDIA/TensorRT; TensorRT_INCLUDE_DIR; or the 10.14 headers inside an
   installed `kernel-lens` wheel): the CMake build of both library variants, their
@@ -30,7 +32,7 @@ from sparsevlm import trt_plugins
 from sparsevlm.trt_plugins import (LIBRARY_NAME, PLUGIN_LIBRARY_ENV, PLUGIN_NAMES, SOURCE_DIR,
                                    STATIC_LIBRARY_NAME, build_plugin_library, find_plugin_library)
 
-KERNEL_SOURCES = sorted(SOURCE_DIR.glob("*/*.cu"))
+KERNEL_SOURCES = sorted(SOURCE_DIR.glob("*/*_kernel.cu"))
 FIELD_NAMES = {"TopKTokenSelect": ["k"], "TokenPrune": [], "TokenRecycle": ["candidate_percent", "cluster_divisor"],
                "RankKeepCount": ["rule", "scale", "bias", "lam"]}
 
@@ -113,6 +115,24 @@ def test_kernel_compiles_with_nvcc(source, arch, tmp_path):
                              "-o", str(tmp_path / "kernel.o")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "kernel.o").stat().st_size > 0
+
+
+def test_kernels_on_the_gpu_match_the_cpu_path(tmp_path):
+    """trt_plugins/tests/gpu_check.cu runs every launcher on the GPU against runOnHost (float32
+    and float16). It compiles and links wherever nvcc is; it runs where a CUDA device is."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (PATH or /usr/local/cuda/bin/nvcc)")
+    program = tmp_path / "gpu_check"
+    # -arch=sm_80 embeds sm_80 code and compute_80 PTX, which newer GPUs compile at load time.
+    subprocess.run([nvcc, "-std=c++17", "-arch=sm_80", str(SOURCE_DIR / "tests" / "gpu_check.cu"),
+                    *map(str, KERNEL_SOURCES), "-o", str(program)], check=True, capture_output=True)
+    result = subprocess.run([str(program)], capture_output=True, text=True, timeout=300)
+    if result.returncode == 77:
+        pytest.skip("no CUDA device: the kernels were compiled and linked but not run")
+    summary = re.search(r"gpu_check: (\d+) checks, (\d+) failed", result.stdout)
+    assert result.returncode == 0 and summary and summary.group(2) == "0", result.stdout + result.stderr
+    assert int(summary.group(1)) >= 60
 
 
 def test_four_kernel_sources():

@@ -1,0 +1,311 @@
+// Runs every kernel launcher on the GPU and compares it with the CPU path (runOnHost, the
+// same per-element functions run serially), for float32 and float16. The CPU path itself is
+// checked against the PyTorch reference by tests/test_trt_plugin_kernels.py, so together they
+// check the real kernels against the reference. No TensorRT needed.
+// Build: nvcc -std=c++17 -arch=sm_80 gpu_check.cu ../*/*_kernel.cu -o gpu_check
+// Prints one line per failed check and "gpu_check: N checks, F failed"; exits 0 iff F == 0,
+// 77 when no CUDA device is present.
+#include "../RankKeepCount/rank_keep_count_kernel.h"
+#include "../TokenPrune/token_prune_kernel.h"
+#include "../TokenRecycle/token_recycle_kernel.h"
+#include "../TopKTokenSelect/topk_token_select_kernel.h"
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+using namespace sparsevlm;
+
+namespace
+{
+
+int gChecks = 0;
+int gFailures = 0;
+
+void check(bool ok, std::string const& what)
+{
+    ++gChecks;
+    if (!ok)
+    {
+        ++gFailures;
+        std::printf("FAIL: %s\n", what.c_str());
+    }
+}
+
+// A device copy of a host vector, freed with the object.
+template <typename T>
+struct DeviceBuffer
+{
+    explicit DeviceBuffer(std::vector<T> const& host)
+        : count(host.size())
+    {
+        cudaMalloc(&data, bytes());
+        cudaMemcpy(data, host.data(), bytes(), cudaMemcpyHostToDevice);
+    }
+    explicit DeviceBuffer(size_t n)
+        : count(n)
+    {
+        cudaMalloc(&data, bytes());
+        cudaMemset(data, 0x7F, bytes()); // garbage: every output element must be written
+    }
+    ~DeviceBuffer()
+    {
+        cudaFree(data);
+    }
+    size_t bytes() const
+    {
+        return count * sizeof(T) + 1;
+    }
+    std::vector<T> toHost() const
+    {
+        std::vector<T> host(count);
+        cudaMemcpy(host.data(), data, count * sizeof(T), cudaMemcpyDeviceToHost);
+        return host;
+    }
+    T* data = nullptr;
+    size_t count;
+};
+
+// Raw bytes, for workspaces.
+struct Workspace
+{
+    explicit Workspace(int64_t bytes)
+    {
+        cudaMalloc(&data, static_cast<size_t>(bytes) + 256);
+    }
+    ~Workspace()
+    {
+        cudaFree(data);
+    }
+    void* data = nullptr;
+};
+
+std::mt19937 gRandom(1234);
+
+template <typename T>
+std::vector<T> randomValues(size_t n, int distinct = 0)
+{
+    std::normal_distribution<float> normal;
+    std::uniform_int_distribution<int> small(0, distinct > 0 ? distinct - 1 : 0);
+    std::vector<T> values(n);
+    for (T& v : values)
+    {
+        v = fromFloat<T>(distinct > 0 ? static_cast<float>(small(gRandom)) : normal(gRandom));
+    }
+    return values;
+}
+
+std::vector<bool> randomMask(size_t n, double probability)
+{
+    std::bernoulli_distribution keep(probability);
+    std::vector<bool> mask(n);
+    for (size_t i = 0; i < n; ++i)
+    {
+        mask[i] = keep(gRandom);
+    }
+    return mask;
+}
+
+// std::vector<bool> is packed: masks travel as arrays of bool.
+std::vector<char> asBytes(std::vector<bool> const& mask)
+{
+    return std::vector<char>(mask.begin(), mask.end());
+}
+
+template <typename T>
+bool sameValues(std::vector<T> const& a, std::vector<T> const& b, float tolerance)
+{
+    if (a.size() != b.size())
+    {
+        return false;
+    }
+    for (size_t i = 0; i < a.size(); ++i)
+    {
+        float const x = toFloat(a[i]);
+        float const y = toFloat(b[i]);
+        if (!(std::fabs(x - y) <= tolerance * (1.0F + std::fabs(y))))
+        {
+            return false;
+        }
+    }
+    return true;
+}
+
+template <typename T>
+bool sameBits(std::vector<T> const& a, std::vector<T> const& b)
+{
+    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
+}
+
+template <typename T>
+ElementType typeOf();
+template <>
+ElementType typeOf<float>()
+{
+    return ElementType::kFLOAT32;
+}
+template <>
+ElementType typeOf<__half>()
+{
+    return ElementType::kFLOAT16;
+}
+
+template <typename T>
+void checkTopK(char const* typeName)
+{
+    int64_t const batch = 3, tokens = 576, dim = 64;
+    for (int64_t k : {int64_t{0}, int64_t{1}, int64_t{144}, tokens})
+    {
+        std::vector<T> const x = randomValues<T>(batch * tokens * dim);
+        std::vector<T> const scores = randomValues<T>(batch * tokens, 7); // many ties
+        std::vector<T> wantSelected(batch * k * dim);
+        std::vector<int64_t> wantIndices(batch * k);
+        std::vector<char> hostWorkspace(topk::workspaceSize(batch, tokens) + 1);
+        topk::runOnHost(x.data(), scores.data(), wantSelected.data(), wantIndices.data(), batch, tokens, dim, k,
+            hostWorkspace.data());
+
+        DeviceBuffer<T> dx(x), dScores(scores), dSelected(wantSelected.size());
+        DeviceBuffer<int64_t> dIndices(wantIndices.size());
+        Workspace workspace(topk::workspaceSize(batch, tokens));
+        cudaError_t status = launchTopKTokenSelect(typeOf<T>(), dx.data, dScores.data, dSelected.data, dIndices.data,
+            batch, tokens, dim, k, workspace.data, nullptr);
+        status = status == cudaSuccess ? cudaDeviceSynchronize() : status;
+        std::string const label = std::string("TopKTokenSelect ") + typeName + " k=" + std::to_string(k);
+        check(status == cudaSuccess, label + ": launch (" + cudaGetErrorString(status) + ")");
+        check(dIndices.toHost() == wantIndices, label + ": indices");
+        check(sameBits(dSelected.toHost(), wantSelected), label + ": selected");
+    }
+}
+
+template <typename T>
+void checkPrune(char const* typeName)
+{
+    prune::Shape const s{4, 576, 18, 64, 0};
+    std::vector<T> const visual = randomValues<T>(s.batch * s.numVisual * s.dim);
+    std::vector<T> const merged = randomValues<T>(s.batch * s.numMerged * s.dim);
+    std::vector<T> const scores = randomValues<T>(s.batch * s.numVisual, 11);
+    std::vector<char> const visualValid = asBytes(randomMask(s.batch * s.numVisual, 0.9));
+    std::vector<char> const mergedValid = asBytes(randomMask(s.batch * s.numMerged, 0.6));
+    std::vector<int64_t> const keep{0, 100, 300, 576};
+    for (int64_t width : {int64_t{100}, int64_t{320}, int64_t{600}})
+    {
+        prune::Shape shape = s;
+        shape.width = width;
+        std::vector<T> wantPruned(shape.batch * width * shape.dim);
+        std::vector<char> wantValid(shape.batch * width);
+        std::vector<int64_t> wantSource(shape.batch * width);
+        std::vector<char> hostWorkspace(prune::workspaceSize(shape.batch, shape.numVisual) + 1);
+        prune::runOnHost(visual.data(), scores.data(), reinterpret_cast<bool const*>(visualValid.data()), keep.data(),
+            merged.data(), reinterpret_cast<bool const*>(mergedValid.data()), wantPruned.data(),
+            reinterpret_cast<bool*>(wantValid.data()), wantSource.data(), shape, hostWorkspace.data());
+
+        DeviceBuffer<T> dVisual(visual), dScores(scores), dMerged(merged), dPruned(wantPruned.size());
+        DeviceBuffer<char> dVisualValid(visualValid), dMergedValid(mergedValid), dValid(wantValid.size());
+        DeviceBuffer<int64_t> dKeep(keep), dSource(wantSource.size());
+        Workspace workspace(prune::workspaceSize(shape.batch, shape.numVisual));
+        cudaError_t status = launchTokenPrune(typeOf<T>(), dVisual.data, dScores.data,
+            reinterpret_cast<bool const*>(dVisualValid.data), dKeep.data, dMerged.data,
+            reinterpret_cast<bool const*>(dMergedValid.data), dPruned.data, reinterpret_cast<bool*>(dValid.data),
+            dSource.data, shape, workspace.data, nullptr);
+        status = status == cudaSuccess ? cudaDeviceSynchronize() : status;
+        std::string const label = std::string("TokenPrune ") + typeName + " W=" + std::to_string(width);
+        check(status == cudaSuccess, label + ": launch (" + cudaGetErrorString(status) + ")");
+        check(dSource.toHost() == wantSource, label + ": source_index");
+        check(dValid.toHost() == wantValid, label + ": pruned_valid");
+        check(sameBits(dPruned.toHost(), wantPruned), label + ": pruned");
+    }
+}
+
+template <typename T>
+void checkRecycle(char const* typeName)
+{
+    recycle::Shape const s{4, 576, 64, 30, 10};
+    std::vector<T> const visual = randomValues<T>(s.batch * s.numVisual * s.dim);
+    std::vector<T> const scores = randomValues<T>(s.batch * s.numVisual);
+    std::vector<char> const valid = asBytes(randomMask(s.batch * s.numVisual, 0.95));
+    std::vector<int64_t> const keep{0, 192, 500, 576}; // all deleted ... none deleted
+    int64_t const clusters = s.clusterBound();
+    std::vector<T> wantMerged(s.batch * clusters * s.dim);
+    std::vector<char> wantValid(s.batch * clusters);
+    std::vector<char> hostWorkspace(recycle::workspaceSize(s) + 256);
+    recycle::runOnHost(visual.data(), scores.data(), reinterpret_cast<bool const*>(valid.data()), keep.data(),
+        wantMerged.data(), reinterpret_cast<bool*>(wantValid.data()), s, hostWorkspace.data());
+
+    DeviceBuffer<T> dVisual(visual), dScores(scores), dMerged(wantMerged.size());
+    DeviceBuffer<char> dValid(valid), dMergedValid(wantValid.size());
+    DeviceBuffer<int64_t> dKeep(keep);
+    Workspace workspace(recycle::workspaceSize(s));
+    cudaError_t status = launchTokenRecycle(typeOf<T>(), dVisual.data, dScores.data,
+        reinterpret_cast<bool const*>(dValid.data), dKeep.data, dMerged.data, reinterpret_cast<bool*>(dMergedValid.data),
+        s, workspace.data, nullptr);
+    status = status == cudaSuccess ? cudaDeviceSynchronize() : status;
+    std::string const label = std::string("TokenRecycle ") + typeName;
+    check(status == cudaSuccess, label + ": launch (" + cudaGetErrorString(status) + ")");
+    check(dMergedValid.toHost() == wantValid, label + ": merged_valid");
+    // The device may contract a * b + c into one FMA where the host rounds twice: close, not equal.
+    check(sameValues(dMerged.toHost(), wantMerged, 1e-4F), label + ": merged");
+}
+
+template <typename T>
+void checkRank(char const* typeName)
+{
+    rankkeep::Shape const s{4, 40, 576};
+    std::vector<T> attention = randomValues<T>(s.batch * s.numRaters * s.numVisual);
+    // Row 1: rank 5 (rows repeat every 5); row 2: rank 1 (one row repeated).
+    for (int64_t t = 5; t < s.numRaters; ++t)
+    {
+        for (int64_t v = 0; v < s.numVisual; ++v)
+        {
+            attention[(1 * s.numRaters + t) * s.numVisual + v] = attention[(1 * s.numRaters + t % 5) * s.numVisual + v];
+            attention[(2 * s.numRaters + t) * s.numVisual + v] = attention[(2 * s.numRaters) * s.numVisual + v];
+        }
+    }
+    std::vector<char> const raters = asBytes(randomMask(s.batch * s.numRaters, 0.8));
+    std::vector<char> const visualValid = asBytes(randomMask(s.batch * s.numVisual, 0.9));
+    rankkeep::RuleParams const params{rankkeep::Rule::kV10, 13.5F, 0.0F, 0.0F};
+    std::vector<int64_t> wantRank(s.batch), wantKeep(s.batch);
+    std::vector<char> hostWorkspace(rankkeep::workspaceSize(s) + 8);
+    rankkeep::runOnHost(attention.data(), reinterpret_cast<bool const*>(raters.data()),
+        reinterpret_cast<bool const*>(visualValid.data()), wantRank.data(), wantKeep.data(), s, params,
+        hostWorkspace.data());
+
+    DeviceBuffer<T> dAttention(attention);
+    DeviceBuffer<char> dRaters(raters), dVisualValid(visualValid);
+    DeviceBuffer<int64_t> dRank(s.batch), dKeep(s.batch);
+    Workspace workspace(rankkeep::workspaceSize(s));
+    cudaError_t status = launchRankKeepCount(typeOf<T>(), dAttention.data, reinterpret_cast<bool const*>(dRaters.data),
+        reinterpret_cast<bool const*>(dVisualValid.data), dRank.data, dKeep.data, s, params, workspace.data, nullptr);
+    status = status == cudaSuccess ? cudaDeviceSynchronize() : status;
+    std::string const label = std::string("RankKeepCount ") + typeName;
+    check(status == cudaSuccess, label + ": launch (" + cudaGetErrorString(status) + ")");
+    check(dRank.toHost() == wantRank, label + ": rank");
+    check(dKeep.toHost() == wantKeep, label + ": keep_count");
+    check(wantRank[1] <= 5 && wantRank[2] <= 1, label + ": constructed ranks are deficient");
+}
+
+} // namespace
+
+int main()
+{
+    int devices = 0;
+    if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0)
+    {
+        std::printf("gpu_check: no CUDA device\n");
+        return 77;
+    }
+    checkTopK<float>("float32");
+    checkTopK<__half>("float16");
+    checkPrune<float>("float32");
+    checkPrune<__half>("float16");
+    checkRecycle<float>("float32");
+    checkRecycle<__half>("float16");
+    checkRank<float>("float32");
+    checkRank<__half>("float16");
+    std::printf("gpu_check: %d checks, %d failed\n", gChecks, gFailures);
+    return gFailures == 0 ? 0 : 1;
+}
