@@ -247,8 +247,10 @@ void checkRecycle(char const* typeName)
     std::string const label = std::string("TokenRecycle ") + typeName;
     check(status == cudaSuccess, label + ": launch (" + cudaGetErrorString(status) + ")");
     check(dMergedValid.toHost() == wantValid, label + ": merged_valid");
-    // The device may contract a * b + c into one FMA where the host rounds twice: close, not equal.
-    check(sameValues(dMerged.toHost(), wantMerged, 1e-4F), label + ": merged");
+    // The device may contract a * b + c into one FMA where the host rounds twice: close, not
+    // equal; in float16 that can move the stored value by one unit in the last place (~1e-3).
+    float const tolerance = sizeof(T) == 2 ? 2e-3F : 1e-4F;
+    check(sameValues(dMerged.toHost(), wantMerged, tolerance), label + ": merged");
 }
 
 template <typename T>
