@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import queue
 import sys
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -143,6 +144,36 @@ class SparseVLMClient:
         self.client.close()
 
     def __enter__(self) -> "SparseVLMClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class ClientPool:
+    """One SparseVLMClient per thread and protocol, for a bounded thread pool of callers
+    (tritonclient's HTTP client must not be shared between threads). Close it when done."""
+
+    def __init__(self, http_url: str, grpc_url: str, model: str = DEFAULT_MODEL, timeout_s: float = 600.0):
+        self.urls, self.model, self.timeout_s = {"http": http_url, "grpc": grpc_url}, model, timeout_s
+        self.local, self.clients, self.lock = threading.local(), [], threading.Lock()
+
+    def get(self, protocol: str) -> SparseVLMClient:
+        client = getattr(self.local, protocol, None)
+        if client is None:
+            client = SparseVLMClient(self.urls[protocol], protocol, self.model, timeout_s=self.timeout_s)
+            setattr(self.local, protocol, client)
+            with self.lock:
+                self.clients.append(client)
+        return client
+
+    def close(self) -> None:
+        with self.lock:
+            for client in self.clients:
+                client.close()
+            self.clients.clear()
+
+    def __enter__(self) -> "ClientPool":
         return self
 
     def __exit__(self, *exc) -> None:
