@@ -41,10 +41,13 @@ class OnnxRuntimeExecutor:
                 from sparsevlm.export.manifest import ArtifactError
                 raise ArtifactError(f"artifact: cannot load {artifact.graph_path(name)}: {str(error).splitlines()[0]}") from None
         self._inputs = {n: [i.name for i in s.get_inputs()] for n, s in self.sessions.items()}
+        # Feeds are cast to each input's declared type (e.g. float32 pixels into a float16 graph).
+        self._types = {n: {i.name: _NUMPY_TYPES[i.type] for i in s.get_inputs()} for n, s in self.sessions.items()}
         self._outputs = {n: [o.name for o in s.get_outputs()] for n, s in self.sessions.items()}
 
     def _run(self, name: str, inputs: dict) -> dict:
-        feed = {k: inputs[k].detach().cpu().numpy() for k in self._inputs[name]}
+        types = self._types[name]
+        feed = {k: inputs[k].detach().cpu().numpy().astype(types[k], copy=False) for k in self._inputs[name]}
         values = self.sessions[name].run(self._outputs[name], feed)
         rename = self.artifact.output_names(name)
         return {rename[o]: torch.from_numpy(np.ascontiguousarray(v)) for o, v in zip(self._outputs[name], values)}
@@ -57,6 +60,10 @@ class OnnxRuntimeExecutor:
 
     def decode(self, inputs):
         return self._run("decode", inputs)
+
+
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": np.float32,
+                "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 
 
 def torch_executor(artifact: Artifact, model: str | None = None, device: str = "cpu"):
