@@ -369,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.quiet:  # also transformers' "Loading weights" bar, so stderr holds only errors
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
     options = {k: v for k, v in {"scale": args.scale, "bias": args.bias, "lam": args.lam,
                                   "reduction": args.reduction, "R": args.R}.items() if v is not None}
     if args.method == "fastv":

@@ -1,0 +1,131 @@
+"""Shared by tests/test_export.py and tests/test_runtime.py: the exported artifacts of the demo
+checkpoint (each exported at most once per session, lazily) and cached runs of them, so the
+export parity tests (issue 3) and the runtime parity tests (issue 4) reuse the same graphs and
+the same ONNX Runtime / torch runs.
+
+Import the fixtures into a test module with
+    from export_helpers import artifacts, runs, ...  # noqa: F401
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sparsevlm.methods import SparseVLMConfig
+
+# One configuration per method (budget 192 where the method has budgets), plus the other
+# SparseVLM v1.5 schedules. Values: keyword arguments of sparsevlm.export.export.
+METHODS = {
+    "sparsevlm_v15_b192": dict(method="sparsevlm", variant="v1.5", budgets=[192]),
+    "sparsevlm_v15_b128": dict(method="sparsevlm", variant="v1.5", budgets=[128]),
+    "sparsevlm_v15_b64": dict(method="sparsevlm", variant="v1.5", budgets=[64]),
+    "sparsevlm_v10_b192": dict(method="sparsevlm", variant="v1.0", budgets=[192]),
+    "fastv_R0.5": dict(method="fastv", budgets=None, K=2, R=0.5),
+    "fastervlm_b64": dict(method="fastervlm", budgets=[64]),
+}
+PRIMARY = ["sparsevlm_v15_b192", "sparsevlm_v10_b192", "fastv_R0.5", "fastervlm_b64"]
+EXTRA_BUDGETS = ["sparsevlm_v15_b128", "sparsevlm_v15_b64"]
+
+# Questions of clearly different lengths (the chat template adds the image placeholder).
+PROMPTS = [
+    "What is in the image?",
+    "Look at this picture carefully. How many objects are there? Answer the question using a single word "
+    "or phrase.",
+    "Is there a red circle?",
+]
+NEW_TOKENS = 32
+LOGITS_ATOL = 1e-4
+
+
+def method_config(name: str) -> SparseVLMConfig:
+    kwargs = dict(METHODS[name])
+    budgets = kwargs.pop("budgets")
+    return SparseVLMConfig(budget=budgets[0] if budgets else None, **kwargs)
+
+
+def make_images(count: int = 3):
+    """Blocky deterministic images (structured, not white noise), as tests/conftest.py."""
+    from PIL import Image
+    rng = np.random.RandomState(4321)
+    out = []
+    for _ in range(count):
+        base = rng.rand(8, 8, 3)
+        pixels = np.kron(base, np.ones((42, 42, 1))) * 0.7 + rng.rand(336, 336, 3) * 0.3
+        out.append(Image.fromarray((pixels * 255).astype("uint8")))
+    return out
+
+
+@pytest.fixture(scope="session")
+def artifact_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("artifacts")
+
+
+@pytest.fixture(scope="session")
+def artifacts(demo_dir, artifact_root):
+    """artifacts(name) -> the exported artifact directory for METHODS[name] (exported once)."""
+    from sparsevlm.export import export
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            kwargs = dict(METHODS[name])
+            out = artifact_root / name
+            manifests = export(str(demo_dir), out, progress=False, **kwargs)
+            assert len(manifests) == 1 and manifests[0]["path"] == str(out)
+            cache[name] = out
+        return cache[name]
+    return get
+
+
+@pytest.fixture(scope="session")
+def inputs_images():
+    return make_images(3)
+
+
+@pytest.fixture(scope="session")
+def pipelines():
+    """pipelines(artifact_dir, backend) -> a cached Pipeline."""
+    from sparsevlm.runtime import Pipeline
+    cache = {}
+
+    def get(path, backend: str):
+        key = (str(path), backend)
+        if key not in cache:
+            cache[key] = Pipeline.load(path, backend=backend, threads=2 if backend == "onnxruntime" else 0)
+        return cache[key]
+    return get
+
+
+@pytest.fixture(scope="session")
+def runs(artifacts, pipelines, inputs_images):
+    """runs(name, backend, batch) -> RunOutput of greedy generation for NEW_TOKENS steps with no
+    stop tokens, batch 1 (prompt 0) or batch 3 (all prompts, different lengths). Cached."""
+    cache = {}
+
+    def get(name: str, backend: str, batch: int):
+        key = (name, backend, batch)
+        if key not in cache:
+            pipe = pipelines(artifacts(name), backend)
+            cache[key] = pipe.generate(inputs_images[:batch], PROMPTS[:batch], max_new_tokens=NEW_TOKENS,
+                                       temperature=0.0, stop_token_ids=())
+        return cache[key]
+    return get
+
+
+def assert_same_decisions(trace_a: dict, trace_b: dict, steps: int = NEW_TOKENS, atol: float = LOGITS_ATOL):
+    """Same kept ids / counts / ranks / recycled per pruning layer and row, same greedy tokens
+    for `steps` steps, last-prompt-position logits within `atol`."""
+    assert [layer["layer"] for layer in trace_a["layers"]] == [layer["layer"] for layer in trace_b["layers"]]
+    for a, b in zip(trace_a["layers"], trace_b["layers"]):
+        for key in ("kept_indices", "keep_count", "rank", "recycled"):
+            assert a[key] == b[key], f"layer {a['layer']}: {key} differs"
+    tokens_a = [row[:steps] for row in trace_a["greedy_tokens"]]
+    tokens_b = [row[:steps] for row in trace_b["greedy_tokens"]]
+    assert all(len(row) == steps for row in tokens_a + tokens_b)
+    assert tokens_a == tokens_b
+    la, lb = np.asarray(trace_a["logits_last"]), np.asarray(trace_b["logits_last"])
+    assert la.shape == lb.shape
+    diff = float(np.abs(la - lb).max())
+    assert diff <= atol, f"logits differ by {diff}"
