@@ -9,6 +9,7 @@ with dicts of torch tensors by name (the interface of methods/generation.py).
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import numpy as np
@@ -156,12 +157,13 @@ _TORCH_DTYPES = {np.float32: torch.float32, np.float16: torch.float16, np.int64:
 
 
 def _import_tensorrt(lean: bool):
-    try:
-        if lean:
-            import tensorrt_lean as trt
-        else:
-            import tensorrt as trt
-        return trt
-    except ImportError as error:
-        raise RuntimeError(f"tensorrt backend: the TensorRT Python package is not installed ({error}); "
-                           "install `tensorrt` (or `tensorrt-lean` for version-compatible engines)") from None
+    # The lean runtime's module is `tensorrt_lean` in NVIDIA's packages and
+    # `tensorrt_lean_bindings` in PyPI's tensorrt-lean-cu13-bindings wheel.
+    names = ("tensorrt_lean", "tensorrt_lean_bindings") if lean else ("tensorrt",)
+    for name in names:
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    raise RuntimeError(f"tensorrt backend: the TensorRT Python package is not installed (tried {', '.join(names)}); "
+                       "install `tensorrt` (or `tensorrt-lean` for version-compatible engines)")

@@ -10,3 +10,9 @@ PIP=".venv/bin/pip --disable-pip-version-check -q"
 # torch first and pinned: an unpinned torch would pull several GB of CUDA wheels here.
 $PIP install "torch==2.13.0"
 $PIP install -e ".[test]"
+# TensorRT pieces that install from PyPI (the full builder does not): the lean runtime, for
+# the plugin-registry tests, and a wheel that ships TensorRT's public headers
+# (kernel_lens/include/tensorrt), for building the plugin library. --no-deps: it would
+# otherwise pull in a second torch.
+$PIP install tensorrt-lean-cu13-libs tensorrt-lean-cu13-bindings
+$PIP install --no-deps "kernel-lens==2.0.1"
