@@ -630,7 +630,8 @@ class LocalTritonServer:
     `leftover_shm` say what (if anything) survived."""
 
     def __init__(self, repo: str | Path, env: str | Path | None = None, log: str | Path | None = None,
-                 ready_timeout: float = 120.0, extra_args: list[str] | None = None):
+                 ready_timeout: float = 120.0, extra_args: list[str] | None = None,
+                 ports: tuple[int, int, int] | None = None):
         self.repo = Path(repo).resolve()
         self.server = find_server(env)
         self.ready_timeout = ready_timeout
@@ -638,7 +639,7 @@ class LocalTritonServer:
         self.workdir = Path(tempfile.mkdtemp(prefix="sparsevlm-triton-"))
         self.log_path = Path(log) if log else self.workdir / "tritonserver.log"
         self.shm_prefix = f"svlm_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
-        self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
+        self.http_port, self.grpc_port, self.metrics_port = ports or free_ports(3)
         self.proc: subprocess.Popen | None = None
         self.leftover_pids: list[int] = []
         self.leftover_shm: list[str] = []
@@ -826,8 +827,17 @@ def _serve(argv: list[str]) -> int:
     p.add_argument("repo")
     p.add_argument("--env", default=None, help="venv with nvidia-pytriton and numpy<2 (default $SPARSEVLM_TRITON_ENV)")
     p.add_argument("--ready-timeout", type=float, default=180)
+    p.add_argument("--ports", default="8000,8001,8002", help="HTTP,gRPC,metrics ports on 127.0.0.1 ('free': pick free ones)")
     args = p.parse_args(argv)
-    server = LocalTritonServer(args.repo, env=args.env, ready_timeout=args.ready_timeout)
+    ports = None if args.ports == "free" else tuple(int(x) for x in args.ports.split(","))
+    if ports is not None and len(ports) != 3:
+        p.error("--ports: expected HTTP,gRPC,metrics")
+    server = LocalTritonServer(args.repo, env=args.env, ready_timeout=args.ready_timeout, ports=ports)
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)  # `kill PID` stops the server (and its stubs) cleanly too
     server.start()
     print(f"ready in {server.startup_seconds:.1f} s: HTTP {server.http_url}  gRPC {server.grpc_url}  "
           f"metrics 127.0.0.1:{server.metrics_port}  log {server.log_path}", flush=True)
@@ -838,6 +848,8 @@ def _serve(argv: list[str]) -> int:
         pass
     finally:
         server.stop()
+    print(f"stopped; leftover processes {server.leftover_pids or 'none'}, /dev/shm regions "
+          f"{server.leftover_shm or 'none'}", flush=True)
     return 0
 
 

@@ -179,13 +179,11 @@ class TritonPythonModel:
                 rows.extend(self._parse(request))
             except RequestError as error:
                 errors[i] = str(error)
-        failed = set()
         for group in self._groups(rows):
             try:
                 self._generate(group)
             except Exception as error:  # noqa: BLE001 - isolate: rerun each request of the group alone
                 if len({id(r.request) for r in group}) == 1:
-                    failed.add(id(group[0].request))
                     errors.setdefault(_index(requests, group[0].request), _message(error))
                     continue
                 for request_id in {id(r.request) for r in group}:
@@ -337,7 +335,8 @@ def _index(requests, request):
 def _message(error):
     if isinstance(error, ValueError):  # the runtime's InputError and friends: the client's fault
         return f"{type(error).__name__}: {error}"
-    return f"internal error: {type(error).__name__}: {error}\n{traceback.format_exc(limit=3)}"
+    pb_utils.Logger.log_error(f"internal error: {traceback.format_exc()}")  # details in the server log
+    return f"internal error: {type(error).__name__}: {error}"
 
 
 def _cuda_available():
