@@ -57,16 +57,27 @@ def make_images(count: int = 3):
     return out
 
 
+# Fixtures imported into two test modules get one FixtureDef per module (pytest keys them by
+# where they are visible), so "session" scope alone would export and run everything twice;
+# the caches therefore live here, at module level, shared by both test modules.
+_ARTIFACTS: dict = {}
+_PIPELINES: dict = {}
+_RUNS: dict = {}
+_ROOT: list = []
+
+
 @pytest.fixture(scope="session")
 def artifact_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("artifacts")
+    if not _ROOT:
+        _ROOT.append(tmp_path_factory.mktemp("artifacts"))
+    return _ROOT[0]
 
 
 @pytest.fixture(scope="session")
 def artifacts(demo_dir, artifact_root):
     """artifacts(name) -> the exported artifact directory for METHODS[name] (exported once)."""
     from sparsevlm.export import export
-    cache = {}
+    cache = _ARTIFACTS
 
     def get(name: str):
         if name not in cache:
@@ -88,7 +99,7 @@ def inputs_images():
 def pipelines():
     """pipelines(artifact_dir, backend) -> a cached Pipeline."""
     from sparsevlm.runtime import Pipeline
-    cache = {}
+    cache = _PIPELINES
 
     def get(path, backend: str):
         key = (str(path), backend)
@@ -102,7 +113,7 @@ def pipelines():
 def runs(artifacts, pipelines, inputs_images):
     """runs(name, backend, batch) -> RunOutput of greedy generation for NEW_TOKENS steps with no
     stop tokens, batch 1 (prompt 0) or batch 3 (all prompts, different lengths). Cached."""
-    cache = {}
+    cache = _RUNS
 
     def get(name: str, backend: str, batch: int):
         key = (name, backend, batch)
