@@ -24,7 +24,25 @@ def graph_names(artifact: Artifact) -> list[str]:
     return ["vision"] + [s["graph"] for s in artifact.manifest["segments"]] + ["decode"]
 
 
-class OnnxRuntimeExecutor:
+class GraphExecutor:
+    """The executor interface over named graphs: subclasses implement `_run(graph, inputs)`.
+    (Triton's BLS executor in triton_models/ has the same three calls; it cannot import this
+    class, because the Triton stub loads it before `sparsevlm` is on its path.)"""
+
+    def _run(self, name: str, inputs: dict) -> dict:
+        raise NotImplementedError
+
+    def vision(self, pixel_values):
+        return self._run("vision", {"pixel_values": pixel_values})
+
+    def segment(self, index, inputs):
+        return self._run(f"segment_{index}", inputs)
+
+    def decode(self, inputs):
+        return self._run("decode", inputs)
+
+
+class OnnxRuntimeExecutor(GraphExecutor):
     def __init__(self, artifact: Artifact, providers: list[str] | None = None, threads: int = 0):
         import onnxruntime as ort
         self.artifact = artifact
@@ -53,15 +71,6 @@ class OnnxRuntimeExecutor:
         rename = self.artifact.output_names(name)
         return {rename[o]: torch.from_numpy(np.ascontiguousarray(v)) for o, v in zip(self._outputs[name], values)}
 
-    def vision(self, pixel_values):
-        return self._run("vision", {"pixel_values": pixel_values})
-
-    def segment(self, index, inputs):
-        return self._run(f"segment_{index}", inputs)
-
-    def decode(self, inputs):
-        return self._run("decode", inputs)
-
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": np.float32,
                 "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
@@ -80,7 +89,7 @@ def torch_executor(artifact: Artifact, model: str | None = None, device: str = "
     return TorchExecutor(torch_model, artifact.plan)
 
 
-class TensorRTExecutor:
+class TensorRTExecutor(GraphExecutor):
     """Engines from `manifest["engines"]` (written by sparsevlm-build); one execution
     context per optimization profile; inputs and outputs as CUDA torch tensors.
 
@@ -141,15 +150,6 @@ class TensorRTExecutor:
             raise RuntimeError(f"tensorrt backend: {name} failed to execute")
         self.stream.synchronize()
         return outputs
-
-    def vision(self, pixel_values):
-        return self._run("vision", {"pixel_values": pixel_values})
-
-    def segment(self, index, inputs):
-        return self._run(f"segment_{index}", inputs)
-
-    def decode(self, inputs):
-        return self._run("decode", inputs)
 
 
 _TORCH_DTYPES = {np.float32: torch.float32, np.float16: torch.float16, np.int64: torch.int64,

@@ -16,3 +16,8 @@ $PIP install -e ".[test]"
 # otherwise pull in a second torch.
 $PIP install tensorrt-lean-cu13-libs tensorrt-lean-cu13-bindings
 $PIP install --no-deps "kernel-lens==2.0.1"
+# Triton: the server inside the nvidia-pytriton wheel runs its Python-backend stub from the
+# first python on PATH and needs numpy < 2 there, so it gets an environment of its own
+# (same Python minor version as .venv; the models add .venv's site-packages themselves).
+[ -x build/triton-env/bin/python ] || "$PY" -m venv build/triton-env
+build/triton-env/bin/pip --disable-pip-version-check -q install "nvidia-pytriton==0.7.0" "numpy<2"
