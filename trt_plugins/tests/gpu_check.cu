@@ -19,23 +19,16 @@
 #include <string>
 #include <vector>
 
+#include "check.h"
+
 using namespace sparsevlm;
 
 namespace
 {
 
-int gChecks = 0;
-int gFailures = 0;
-
-void check(bool ok, std::string const& what)
-{
-    ++gChecks;
-    if (!ok)
-    {
-        ++gFailures;
-        std::printf("FAIL: %s\n", what.c_str());
-    }
-}
+using sparsevlm_tests::check;
+using sparsevlm_tests::gChecks;
+using sparsevlm_tests::gFailures;
 
 // A device copy of a host vector, freed with the object.
 template <typename T>
@@ -308,6 +301,5 @@ int main()
     checkRecycle<__half>("float16");
     checkRank<float>("float32");
     checkRank<__half>("float16");
-    std::printf("gpu_check: %d checks, %d failed\n", gChecks, gFailures);
-    return gFailures == 0 ? 0 : 1;
+    return sparsevlm_tests::report("gpu_check");
 }

@@ -20,23 +20,16 @@
 #include <string>
 #include <vector>
 
+#include "check.h"
+
 using namespace nvinfer1;
 
 namespace
 {
 
-int gChecks = 0;
-int gFailures = 0;
-
-void check(bool ok, std::string const& what)
-{
-    ++gChecks;
-    if (!ok)
-    {
-        ++gFailures;
-        std::printf("FAIL: %s\n", what.c_str());
-    }
-}
+using sparsevlm_tests::check;
+using sparsevlm_tests::gChecks;
+using sparsevlm_tests::gFailures;
 
 // --- A fake IExprBuilder: expressions carry a concrete value and whether it is a build-time
 // constant, so the plugins' symbolic formulas can be evaluated and checked. ---------------------
@@ -546,6 +539,5 @@ int main(int argc, char** argv)
             checkOp(found->second, op);
         }
     }
-    std::printf("harness: %d checks, %d failed\n", gChecks, gFailures);
-    return gFailures == 0 ? 0 : 1;
+    return sparsevlm_tests::report("harness");
 }
