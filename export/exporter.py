@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -50,6 +51,7 @@ from . import profiles as profile_lib
 from .onnx_ops import DOMAIN, FUNCTION_OPSET, ONNX_OPS, OP_VERSION, attach_functions, register_schemas
 
 IR_VERSION = 10
+log = logging.getLogger(__name__)
 EXAMPLE_VISUAL_TOKENS = 48  # visual tokens in the tracing example (see _ShortVisualExecutor)
 
 # Dynamic dimension names per tensor name (segment index substituted for {s}).
@@ -177,14 +179,42 @@ def _trace(module, example: dict, output_names: list[str], path: Path, opset: in
                           custom_opsets={DOMAIN: OP_VERSION}, do_constant_folding=False)
 
 
-def _finish_graph(path: Path) -> list[str]:
-    """Attach function bodies, set the IR version, check; returns the custom ops used."""
+WEIGHTS_DIR = "weights"
+
+
+def _finish_graph(path: Path) -> tuple[list[str], int]:
+    """Attach function bodies, set the IR version, gather external weights, check.
+
+    Returns the custom ops used and the graph's size in bytes (proto + its weights)."""
     model = onnx.load(str(path), load_external_data=False)
     ops = attach_functions(model)
     model.ir_version = IR_VERSION
+    weight_bytes = _gather_external_weights(model, path.parent)
     onnx.save_model(model, str(path))
+    del model  # the checker loads the file itself; don't hold two copies of a big graph
     onnx.checker.check_model(str(path), full_check=True)
-    return ops
+    return ops, path.stat().st_size + weight_bytes
+
+
+def _gather_external_weights(model: onnx.ModelProto, root: Path) -> int:
+    """Move the exporter's external-data files (one per parameter, written beside the graph
+    when it exceeds 2 GB) into `weights/` and point the graph at them. Graphs that use the
+    same parameter share its file (same name, same bytes). Returns the bytes referenced."""
+    total = 0
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        entry = {e.key: e for e in tensor.external_data}
+        location = entry["location"].value
+        if not location.startswith(WEIGHTS_DIR + "/"):
+            target = root / WEIGHTS_DIR / location
+            if not target.exists():
+                target.parent.mkdir(exist_ok=True)
+                os.replace(root / location, target)
+            entry["location"].value = f"{WEIGHTS_DIR}/{location}"
+            location = entry["location"].value
+        total += (root / location).stat().st_size
+    return total
 
 
 _ELEM = {v: k for k, v in onnx.TensorProto.DataType.items()}
@@ -197,6 +227,11 @@ def _io_table(path: Path) -> tuple[list, list]:
         shape = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
         return {"name": value.name, "dtype": _ELEM[t.elem_type].lower(), "shape": shape}
     return [entry(v) for v in graph.input], [entry(v) for v in graph.output]
+
+
+def _peak_rss_gb() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
 def config_sha256(model) -> str:
@@ -232,11 +267,12 @@ def export_artifact(model, location: str, config: SparseVLMConfig, out: Path, *,
             output_names = module.output_names
             t0 = time.perf_counter()
             _trace(module, recorded[name], output_names, path, opset, segment_of_layer, decode=name == "decode")
-            ops = _finish_graph(path)
+            ops, size = _finish_graph(path)
             inputs, outputs = _io_table(path)
-            table[name] = {"file": path.name, "inputs": inputs, "outputs": outputs,
+            table[name] = {"file": path.name, "bytes": size, "inputs": inputs, "outputs": outputs,
                            "output_names": dict(zip([o["name"] for o in outputs], output_names)),
                            "custom_ops": ops, "export_seconds": round(time.perf_counter() - t0, 3)}
+            log.info("%s: exported in %.1f s; peak RSS so far %.2f GB", name, table[name]["export_seconds"], _peak_rss_gb())
         buckets = buckets or profile_lib.default_buckets(plan)
         if len(buckets) != len(plan.prune_layers):
             raise ValueError(f"calibration: {len(buckets)} bucket lists for {len(plan.prune_layers)} pruning layers")
@@ -328,8 +364,7 @@ def _summary(manifests: list[dict]) -> None:
         table.add_column(column)
     for m in manifests:
         for name, graph in m["graphs"].items():
-            size = sum(e["bytes"] for f, e in m["files"].items() if f.startswith(name + ".onnx"))
-            table.add_row(m["path"], name, f"{size / 1e6:.1f}", ",".join(graph["custom_ops"]) or "-",
+            table.add_row(m["path"], name, f"{graph['bytes'] / 1e6:.1f}", ",".join(graph["custom_ops"]) or "-",
                           str(len(graph["inputs"])), str(len(graph["outputs"])), str(graph["export_seconds"]))
     Console(stderr=False).print(table)
     total = sum(m["export_seconds"] for m in manifests)
@@ -364,11 +399,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", help="calibration.json from sparsevlm-calibrate: profile buckets per segment")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--verbose", action="store_true", help="log each graph's export time and the peak memory so far")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     if args.quiet:  # also transformers' "Loading weights" bar, so stderr holds only errors
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
