@@ -63,7 +63,8 @@ def main(argv=None) -> int:
 
     from sparsevlm.runtime import Pipeline
     from sparsevlm.runtime.triton_client import ClientPool
-    from sparsevlm.runtime.triton_repo import LocalTritonServer, write_repository
+    from sparsevlm.runtime.triton_repo import write_repository
+    from sparsevlm.runtime.triton_server import LocalTritonServer
 
     work = Path(tempfile.mkdtemp(prefix="bench-triton-"))
     artifact = args.artifact

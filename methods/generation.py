@@ -199,6 +199,7 @@ def prefill(executor, plan: PrunePlan, batch: RegionBatch, pixel_values: torch.T
               "text_ids": batch.text_ids, "text_valid": batch.text_valid}
     caches, lengths, widths = [], [], []
     rater_mask = None
+    out: dict = {}  # the previous segment's outputs
     t0 = time.perf_counter()
     for spec in specs:
         if spec.index > 0:

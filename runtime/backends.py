@@ -10,7 +10,6 @@ with dicts of torch tensors by name (the interface of methods/generation.py).
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 
 import numpy as np
 import torch

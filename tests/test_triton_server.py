@@ -24,8 +24,8 @@ pytest.importorskip("tritonclient.grpc", reason="tritonclient[http,grpc] is not 
                     "(pip install 'tritonclient[http,grpc]')")
 pytest.importorskip("tritonclient.http", reason="tritonclient[http] is not installed")
 
-from sparsevlm.runtime.triton_repo import (LocalTritonServer, RepoError, find_server,  # noqa: E402
-                                           validate_repository, write_repository)
+from sparsevlm.runtime.triton_repo import RepoError, validate_repository, write_repository  # noqa: E402
+from sparsevlm.runtime.triton_server import LocalTritonServer, find_server  # noqa: E402
 
 try:
     find_server()
