@@ -208,8 +208,10 @@ def _gather_external_weights(model: onnx.ModelProto, root: Path) -> int:
         location = entry["location"].value
         if not location.startswith(WEIGHTS_DIR + "/"):
             target = root / WEIGHTS_DIR / location
-            if not target.exists():
-                target.parent.mkdir(exist_ok=True)
+            target.parent.mkdir(exist_ok=True)
+            if target.exists():  # an earlier graph moved this parameter's file already
+                (root / location).unlink()
+            else:
                 os.replace(root / location, target)
             entry["location"].value = f"{WEIGHTS_DIR}/{location}"
             location = entry["location"].value
