@@ -14,7 +14,7 @@ $PIP install -e ".[test]"
 # the plugin-registry tests, and a wheel that ships TensorRT's public headers
 # (kernel_lens/include/tensorrt), for building the plugin library. --no-deps: it would
 # otherwise pull in a second torch.
-$PIP install tensorrt-lean-cu13-libs tensorrt-lean-cu13-bindings
+$PIP install "tensorrt-lean-cu13-libs==11.4.0.106" "tensorrt-lean-cu13-bindings==11.4.0.106"
 $PIP install --no-deps "kernel-lens==2.0.1"
 # Triton: the server inside the nvidia-pytriton wheel runs its Python-backend stub from the
 # first python on PATH and needs numpy < 2 there, so it gets an environment of its own
