@@ -151,19 +151,15 @@ def test_streaming_sends_the_same_tokens_in_order(server, reference, images_png)
     for image, prompt, params in [(0, 0, {"max_new_tokens": 12}), (3, 1, {"max_new_tokens": 8, "temperature": 0.7,
                                                                            "seed": 5})]:
         text, tokens, kept = reference(image, prompt, images_png, **params)
-        arrivals, pieces = [], []
         with SparseVLMClient(server.grpc_url, "grpc") as client:
-            for piece in client.stream(images_png[image], PROMPTS[prompt], **params):
-                arrivals.append(time.monotonic())
-                pieces.append(piece)
+            pieces = list(client.stream(images_png[image], PROMPTS[prompt], **params))
         token_pieces = [p for p in pieces if not p.final]
         assert [p.final for p in pieces] == [False] * len(token_pieces) + [True]
         assert all(len(p.token_ids) == 1 for p in token_pieces)  # one response per generated token
         assert [p.token_ids[0] for p in token_pieces] == tokens
         assert "".join(p.text for p in pieces) == text
         assert pieces[-1].kept_per_layer == kept and pieces[-1].token_ids == []
-        # Streamed as generated: the first token arrives well before the last one.
-        assert arrivals[-2] - arrivals[0] > 0.005 * (len(token_pieces) - 1)
+        # (When tokens arrive is a timing question: benchmarks/, not a test.)
 
 
 def _concurrent(server, jobs, workers=16):
