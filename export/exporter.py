@@ -32,7 +32,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,6 +40,7 @@ import torch
 
 from sparsevlm import __version__
 from sparsevlm.methods import modeling
+from sparsevlm.methods.files import atomic_directory
 from sparsevlm.methods.config import ConfigError, SparseVLMConfig, resolve
 from sparsevlm.methods.generation import TorchExecutor, decode_tokens, make_region_batch, prefill, SamplingParams
 from sparsevlm.methods.loading import DTYPES, ModelNotFoundError, load_model
@@ -252,10 +252,8 @@ def export_artifact(model, location: str, config: SparseVLMConfig, out: Path, *,
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"out: {out} already exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     started = time.perf_counter()
-    try:
+    with atomic_directory(out, "partial-") as tmp:
         recorded = _example_run(model, plan)
         segment_of_layer = {layer: spec.index for spec in specs for layer in spec.layers}
         graphs = [("vision", VisionEncoder(model, plan, ONNX_OPS), None)]
@@ -304,13 +302,8 @@ def export_artifact(model, location: str, config: SparseVLMConfig, out: Path, *,
             "files": manifest_lib.file_table(tmp, files),
         }
         (tmp / manifest_lib.MANIFEST).write_text(json.dumps(manifest, indent=1))  # last: marks the artifact valid
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-        manifest["export_seconds"] = round(time.perf_counter() - started, 3)
-        return manifest
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    manifest["export_seconds"] = round(time.perf_counter() - started, 3)
+    return manifest
 
 
 def _copy_processor(source: Path, target: Path) -> None:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from .files import atomic_directory
+
 DEMO_NAME = "sparsevlm-demo"
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
@@ -100,9 +102,6 @@ def build_demo_model(out_dir: str | Path | None = None, seed: int = 0, num_layer
                      hidden_size: int = 64, overwrite: bool = False) -> Path:
     """Write the demo checkpoint to `out_dir` (default: `default_demo_dir()`); reuse it when
     already complete. Written atomically (temporary directory, then rename)."""
-    import shutil
-    import tempfile
-
     from transformers import CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor
 
     out = Path(out_dir) if out_dir is not None else default_demo_dir()
@@ -118,14 +117,7 @@ def build_demo_model(out_dir: str | Path | None = None, seed: int = 0, num_layer
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
                                vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
                                num_additional_image_tokens=1)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -38,9 +38,10 @@ import shlex
 import shutil
 import sys
 import sysconfig
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from sparsevlm.methods.files import atomic_directory
 
 MODELS_DIR = Path(__file__).with_name("triton_models")
 REPO_SCHEMA = "sparsevlm-triton-repo/1"
@@ -214,9 +215,7 @@ def write_repository(artifact: str | Path, out: str | Path, *, flavour: str = "p
     site_dirs = project_site_dirs() if site_dirs is None else [d for d in site_dirs if d]
 
     # Build in a temporary sibling, then swap in: a half-written repository never exists.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         if copy_artifact:
             shutil.copytree(artifact, tmp / "artifact")
             artifact_ref, artifact_param = out / "artifact", "artifact"  # relative to the repository
@@ -246,11 +245,6 @@ def write_repository(artifact: str | Path, out: str | Path, *, flavour: str = "p
         script = tmp / "start_server.sh"
         script.write_text(_start_script(needs_trt, _plugin_path(artifact, plugin_library)))
         script.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return info
 
 
