@@ -408,9 +408,7 @@ def main(argv: list[str] | None = None) -> int:
                                   "reduction": args.reduction, "R": args.R}.items() if v is not None}
     if args.method == "fastv":
         options["K"] = args.K
-    budgets = args.budget or ([192] if args.method == "sparsevlm" and "reduction" not in options else None)
-    if args.method == "fastv" and "R" in options:
-        budgets = None
+    budgets = args.budget or ([192] if args.method == "sparsevlm" else None)
     try:
         manifests = export(args.model, args.out, args.method, args.variant, budgets, args.dtype, args.opset,
                            args.random_weights, args.calibration, args.overwrite, not args.quiet, **options)
