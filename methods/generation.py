@@ -165,13 +165,11 @@ def _keep_decisions(plan: PrunePlan, position: int, out: dict, rater_mask):
     """Rank (rank rules) and keep count per row after the `position`-th pruning layer."""
     visual_valid = out["visual_valid"]
     counts = visual_valid.sum(dim=1).tolist()
-    ranks = [None] * len(counts)
-    if plan.uses_rank:
-        rank_t, _ = token_ops.rank_keep_count(out["rater_attention"].float().cpu(), rater_mask.cpu(),
-                                              visual_valid.cpu(), lambda rank, v: 0)
-        ranks = rank_t.tolist()
-    keeps = [plan.keep_count(position, v, r) for v, r in zip(counts, ranks)]
-    return counts, ranks, keeps
+    if not plan.uses_rank:
+        return counts, [None] * len(counts), [plan.keep_count(position, v, None) for v in counts]
+    ranks, keeps = token_ops.rank_keep_count(out["rater_attention"].float().cpu(), rater_mask.cpu(), visual_valid.cpu(),
+                                             lambda rank, v: plan.keep_count(position, v, rank))
+    return counts, ranks.tolist(), keeps.tolist()
 
 
 def prefill(executor, plan: PrunePlan, batch: RegionBatch, pixel_values: torch.Tensor,
@@ -207,16 +205,14 @@ def prefill(executor, plan: PrunePlan, batch: RegionBatch, pixel_values: torch.T
             inputs = {"hidden": prev["hidden"], "prefix_valid": batch.prefix_valid,
                       "visual_valid": prev["visual_valid"], "text_valid": batch.text_valid,
                       "scores": prev["scores"]}
+            counts, ranks, keeps = _keep_decisions(plan, position, prev, rater_mask)
             if plan.method == "sparsevlm":
-                counts, ranks, keeps = _keep_decisions(plan, position, prev, rater_mask)
                 recycled = [token_ops.recycled_count(v - k) if plan.recycles else 0 for v, k in zip(counts, keeps)]
                 width = max(k + c for k, c in zip(keeps, recycled))
                 inputs.update(rater_mask=rater_mask, keep_count=torch.tensor(keeps, dtype=torch.long),
                               visual_width=torch.zeros(width, dtype=torch.long))
-            else:  # fastv
-                counts = prev["visual_valid"].sum(1).tolist()
-                keeps = [min(plan.fastv_keep, v) for v in counts]
-                ranks, recycled, width = [None] * rows, [0] * rows, plan.fastv_keep
+            else:  # fastv: TopKTokenSelect's k is fixed in the graph
+                recycled, width = [0] * rows, plan.fastv_keep
                 inputs["positions"] = prev["positions"]
             decision = LayerDecision(plan.prune_layers[position], [], keeps, ranks, recycled, counts, width)
             if on_segment is not None:
