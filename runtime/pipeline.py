@@ -8,6 +8,7 @@ import queue
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator
 
 import torch
@@ -55,7 +56,10 @@ class Pipeline:
         self.artifact, self.executor, self.backend = artifact, executor, backend
         self.planner = ProfilePlanner(artifact.manifest)
         self.processor = artifact.processor()
-        self.model_info = artifact.manifest["model"]
+        self.model_info = info = artifact.manifest["model"]
+        # What the accounting needs of the language model (FLOPs per layer), from the manifest.
+        self.text_shape = SimpleNamespace(num_hidden_layers=info["num_layers"], hidden_size=info["hidden_size"],
+                                          intermediate_size=info["intermediate_size"])
 
     @classmethod
     def load(cls, artifact_dir: str | Path, backend: str = "onnxruntime", *, model: str | None = None,
@@ -84,13 +88,10 @@ class Pipeline:
     def generate_ids(self, input_ids: list[list[int]], pixel_values: torch.Tensor, params: SamplingParams,
                      on_token=None) -> generation.GenerationOutput:
         self.planner.reset()
-        from transformers import LlamaConfig
         info = self.model_info
-        text_config = LlamaConfig(num_hidden_layers=info["num_layers"], hidden_size=info["hidden_size"],
-                                  intermediate_size=info["intermediate_size"])
         out = generation.generate(self.executor, self.artifact.plan, input_ids, pixel_values,
                                   image_token_id=info["image_token_id"], image_size=info["image_size"],
-                                  text_config=text_config, params=params, pad_id=info["pad_token_id"],
+                                  text_config=self.text_shape, params=params, pad_id=info["pad_token_id"],
                                   on_token=on_token, on_segment=self._plan_segment)
         out.profiles = [c.to_json() for c in self.planner.choices]
         return out
