@@ -5,12 +5,13 @@
 // repeats until no pair needed a rotation.
 #include "rank_keep_count_kernel.h"
 
+#include "../common/launch.h"
+
 namespace sparsevlm
 {
 namespace
 {
 
-constexpr int kThreads = 256;
 constexpr int kWarp = 32;
 constexpr unsigned kFullMask = 0xFFFFFFFFU;
 

@@ -2,17 +2,12 @@
 // device runs exactly the code the CPU tests check.
 #include "token_prune_kernel.h"
 
+#include "../common/launch.h"
+
 namespace sparsevlm
 {
 namespace
 {
-
-constexpr int kThreads = 256;
-
-int64_t blocksFor(int64_t elements)
-{
-    return (elements + kThreads - 1) / kThreads;
-}
 
 template <typename T>
 __global__ void keptKernel(

@@ -3,12 +3,12 @@
 // ones (pair distances and the merge over D) get a block per (row, candidate or cluster).
 #include "token_recycle_kernel.h"
 
+#include "../common/launch.h"
+
 namespace sparsevlm
 {
 namespace
 {
-
-constexpr int kThreads = 256;
 
 // Stages 1-2: deleted flags, counts, candidate slots. One block per row.
 template <typename T>

@@ -2,17 +2,12 @@
 // topk_token_select.h, so the device runs exactly the code the CPU tests check.
 #include "topk_token_select_kernel.h"
 
+#include "../common/launch.h"
+
 namespace sparsevlm
 {
 namespace
 {
-
-constexpr int kThreads = 256;
-
-int64_t blocksFor(int64_t elements)
-{
-    return (elements + kThreads - 1) / kThreads;
-}
 
 template <typename T>
 __global__ void selectKernel(T const* scores, bool* selected, int64_t batch, int64_t numTokens, int64_t k)
