@@ -106,11 +106,23 @@ def main(argv=None) -> int:
             return protocol, time.monotonic() - start, f"{type(error).__name__}: {error}"[:300]
 
     def stats():
+        # Triton counts a request after its response has gone out: read until two reads agree.
         import tritonclient.http as httpclient
         c = httpclient.InferenceServerClient(server.http_url)
-        try:
+
+        def read():
             s = c.get_inference_statistics("sparsevlm")["model_stats"][0]
             return int(s["inference_count"]), int(s["execution_count"])
+
+        try:
+            previous = read()
+            for _ in range(60):
+                time.sleep(0.5)
+                current = read()
+                if current == previous:
+                    break
+                previous = current
+            return previous
         finally:
             c.close()
 

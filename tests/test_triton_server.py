@@ -176,14 +176,31 @@ def _concurrent(server, jobs, workers=16):
         return list(pool.map(run, jobs, timeout=900))
 
 
-def _stats(server):
-    """{model: (inference_count, execution_count)} from the server's statistics."""
+def _stats(server, settle_seconds=30.0):
+    """{model: (inference_count, execution_count)} from the server's statistics, once settled.
+
+    Triton records a request's statistics after its response has gone out, so right after the
+    clients return the last few requests may not be counted yet (CI once read 197 of 200).
+    Read until two reads 0.5 s apart agree; with no request in flight that takes one round.
+    """
     import tritonclient.http as httpclient
 
     http = httpclient.InferenceServerClient(server.http_url)
-    try:
+
+    def read():
         return {s["name"]: (int(s["inference_count"]), int(s["execution_count"]))
                 for s in http.get_inference_statistics()["model_stats"]}
+
+    try:
+        deadline = time.monotonic() + settle_seconds
+        previous = read()
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            current = read()
+            if current == previous:
+                return current
+            previous = current
+        return previous
     finally:
         http.close()
 
