@@ -18,8 +18,8 @@ Export decisions, in one place:
   shape input `visual_width` ([W]); the runtime chooses W and the profile containing it.
   The matrix rank (rank rules) is a runtime step: graphs output `rater_attention`.
 - Weights: traced with `export_params=False` and written straight from the torch tensors,
-  one file per parameter in `weights/` (named as in the transformers model), shared by every graph
-  of the artifact (see `_external_weights` for why).
+  one file per parameter in `weights/` (named as in the transformers model), shared by
+  every graph of the artifact (see `_external_weights` for why).
 - IR version 10 (ONNX Runtime 1.31 refuses 14, onnx 1.23's default). Every graph passes
   `onnx.checker.check_model(full_check=True)` (which runs strict shape inference).
 - Atomic output: everything goes to a temporary sibling directory that is renamed into
@@ -193,23 +193,24 @@ def _finish_graph(path: Path, parameters: dict[str, torch.Tensor], weight_names:
     model = onnx.load(str(path))  # traced with export_params=False: no weights inside, small
     ops = attach_functions(model)
     model.ir_version = IR_VERSION
-    weight_bytes = _external_weights(model, parameters, weight_names, path.parent)
+    weight_bytes = _external_weights(model, parameters, weight_names, path)
     onnx.save_model(model, str(path))
     onnx.checker.check_model(str(path), full_check=True)
     return ops, path.stat().st_size + weight_bytes
 
 
 def _external_weights(model: onnx.ModelProto, parameters: dict[str, torch.Tensor], weight_names: dict,
-                      root: Path) -> int:
+                      path: Path) -> int:
     """Turn the graph inputs the tracer made for parameters into external-data initializers.
 
     The graphs are traced with `export_params=False`, so each parameter is a graph input
     named by its module path. Here each one is written once, straight from its torch
-    tensor, to `weights/<parameter name>` (its name in the transformers model) and every graph that uses it points at
-    that file. Serialising weights inside the graph instead made torch's exporter hold
-    about three copies of every graph under 2 GB (peak 21.6 GB at 7B); this way the export
-    holds the model and nothing more, and the graphs of an artifact share one set of weights.
-    Returns the bytes of the weights this graph uses."""
+    tensor, to `weights/<its name in the transformers model>`, and every graph that uses
+    it points at that file. (A tensor the model does not own gets a name private to the
+    graph at `path`.) Serialising weights inside the graphs instead made torch's exporter
+    hold about three copies of every graph under 2 GB (peak 21.6 GB at 7B); this way the
+    export holds the model and little more, and an artifact's graphs share one set of
+    weights. Returns the bytes of the weights this graph uses."""
     total = 0
     kept_inputs = []
     for value in model.graph.input:
@@ -217,8 +218,9 @@ def _external_weights(model: onnx.ModelProto, parameters: dict[str, torch.Tensor
         if tensor is None:
             kept_inputs.append(value)
             continue
-        location = f"{WEIGHTS_DIR}/{weight_names.get(_storage_key(tensor), value.name)}"
-        target = root / location
+        name = weight_names.get(_storage_key(tensor)) or f"{path.stem}.{value.name}"
+        location = f"{WEIGHTS_DIR}/{name}"
+        target = path.parent / location
         flat = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
         if not target.exists():  # an earlier graph of this artifact wrote it already
             target.parent.mkdir(exist_ok=True)
