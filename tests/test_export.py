@@ -175,14 +175,11 @@ def test_killed_export_leaves_nothing_valid_rerun_succeeds_and_is_deterministic(
                             start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        partial = []
-        while time.monotonic() < deadline and proc.poll() is None:
-            partial = list(tmp_path.glob(".killed.partial-*"))
-            if partial:
-                break
-            time.sleep(0.05)
-        assert partial, f"no temporary directory appeared (exit {proc.poll()}): {proc.stderr.read()[-2000:]}"
-        time.sleep(1.0)  # let it write some graphs
+        written = []  # kill once the first graph is on disk: midway, with files in place
+        while time.monotonic() < deadline and proc.poll() is None and not written:
+            written = list(tmp_path.glob(".killed.partial-*/*.onnx"))
+            time.sleep(0.01)
+        assert written, f"no graph was written (exit {proc.poll()}): {proc.stderr.read()[-2000:]}"
         assert proc.poll() is None, "export finished before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
