@@ -105,31 +105,10 @@ def main(argv=None) -> int:
         except Exception as error:  # noqa: BLE001 - counted
             return protocol, time.monotonic() - start, f"{type(error).__name__}: {error}"[:300]
 
-    def stats():
-        # Triton counts a request after its response has gone out: read until two reads agree.
-        import tritonclient.http as httpclient
-        c = httpclient.InferenceServerClient(server.http_url)
-
-        def read():
-            s = c.get_inference_statistics("sparsevlm")["model_stats"][0]
-            return int(s["inference_count"]), int(s["execution_count"])
-
-        try:
-            previous = read()
-            for _ in range(60):
-                time.sleep(0.5)
-                current = read()
-                if current == previous:
-                    break
-                previous = current
-            return previous
-        finally:
-            c.close()
-
     try:
         with ThreadPoolExecutor(max_workers=args.concurrency) as pool:  # warm-up, not measured
             list(pool.map(one, range(2 * args.concurrency)))
-        count0, exec0 = stats()
+        count0, exec0 = server.inference_counts()["sparsevlm"]
         t0 = time.monotonic()
         with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
             futures = [pool.submit(one, n) for n in range(args.requests)]
@@ -138,7 +117,7 @@ def main(argv=None) -> int:
                 f.cancel()
         elapsed = time.monotonic() - t0
         results = [f.result() for f in done]
-        count1, exec1 = stats()
+        count1, exec1 = server.inference_counts()["sparsevlm"]
     finally:
         pool_clients.close()
         server.stop()

@@ -211,6 +211,34 @@ class LocalTritonServer:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def inference_counts(self, settle_seconds: float = 30.0) -> dict[str, tuple[int, int]]:
+        """{model: (inference_count, execution_count)} from the server's statistics, once settled.
+
+        Triton records a request's statistics after its response has gone out, so right after
+        the clients return the last few requests may not be counted yet (CI once read 197 of
+        200). Read until two reads 0.5 s apart agree; with no request in flight that takes one
+        round."""
+        import tritonclient.http as httpclient
+
+        http = httpclient.InferenceServerClient(self.http_url)
+
+        def read():
+            return {s["name"]: (int(s["inference_count"]), int(s["execution_count"]))
+                    for s in http.get_inference_statistics()["model_stats"]}
+
+        try:
+            deadline = time.monotonic() + settle_seconds
+            previous = read()
+            while time.monotonic() < deadline:
+                time.sleep(0.5)
+                current = read()
+                if current == previous:
+                    return current
+                previous = current
+            return previous
+        finally:
+            http.close()
+
     def stop(self, timeout: float = 60.0) -> None:
         if self.proc is None:
             return

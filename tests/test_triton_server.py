@@ -176,35 +176,6 @@ def _concurrent(server, jobs, workers=16):
         return list(pool.map(run, jobs, timeout=900))
 
 
-def _stats(server, settle_seconds=30.0):
-    """{model: (inference_count, execution_count)} from the server's statistics, once settled.
-
-    Triton records a request's statistics after its response has gone out, so right after the
-    clients return the last few requests may not be counted yet (CI once read 197 of 200).
-    Read until two reads 0.5 s apart agree; with no request in flight that takes one round.
-    """
-    import tritonclient.http as httpclient
-
-    http = httpclient.InferenceServerClient(server.http_url)
-
-    def read():
-        return {s["name"]: (int(s["inference_count"]), int(s["execution_count"]))
-                for s in http.get_inference_statistics()["model_stats"]}
-
-    try:
-        deadline = time.monotonic() + settle_seconds
-        previous = read()
-        while time.monotonic() < deadline:
-            time.sleep(0.5)
-            current = read()
-            if current == previous:
-                return current
-            previous = current
-        return previous
-    finally:
-        http.close()
-
-
 def test_200_concurrent_mixed_requests(server, reference, images_png):
     combos = [(i, p) for i in range(5) for p in range(5)]  # 25 different (image, prompt) pairs
     params = {"max_new_tokens": 4}
@@ -214,7 +185,7 @@ def test_200_concurrent_mixed_requests(server, reference, images_png):
         image, prompt = combos[(n * 7) % len(combos)]
         jobs.append(("http" if n % 2 else "grpc", images_png[image], PROMPTS[prompt], params))
         keys.append((image, prompt))
-    count0, exec0 = _stats(server)["sparsevlm"]
+    count0, exec0 = server.inference_counts()["sparsevlm"]
     t0 = time.monotonic()
     results = _concurrent(server, jobs)
     elapsed = time.monotonic() - t0
@@ -222,7 +193,7 @@ def test_200_concurrent_mixed_requests(server, reference, images_png):
     assert not failures, f"{len(failures)} failures, first: {failures[0]!r}"
     mismatches = [(k, r) for k, r in zip(keys, results) if r != expected[k]]
     assert not mismatches, f"{len(mismatches)} answers differ from the in-process runtime, first: {mismatches[0]}"
-    count1, exec1 = _stats(server)["sparsevlm"]
+    count1, exec1 = server.inference_counts()["sparsevlm"]
     assert count1 - count0 == 200
     assert exec1 - exec0 < 200  # the dynamic batcher really batched requests together
     print(f"\n200 concurrent requests (HTTP+gRPC, 16 threads): {elapsed:.1f} s, {200 / elapsed:.1f} req/s, "
@@ -354,7 +325,7 @@ def test_bls_orchestrator_matches_the_runtime(bls_setup, reference, images_png):
     info, server, pipe = bls_setup
     segments = [m for m in info.models if "_segment_" in m]
     assert len(segments) == len(pipe.artifact.manifest["segments"])
-    before = _stats(server)
+    before = server.inference_counts()
     steps = 0
     cases = [("http", 0, {"max_new_tokens": 5}), ("grpc", 1, {"max_new_tokens": 4}),
              ("http", 2, {"max_new_tokens": 4, "temperature": 0.8, "seed": 3})]
@@ -365,7 +336,7 @@ def test_bls_orchestrator_matches_the_runtime(bls_setup, reference, images_png):
         want = reference(n, n, images_png, **params)
         assert _answer(answer) == want
         steps += len(want[1]) - 1
-    after = _stats(server)
+    after = server.inference_counts()
     calls = {name: after[name][1] - before.get(name, (0, 0))[1] for name in after}
     assert calls["sparsevlm"] == 3 and calls["sparsevlm_vision"] == 3
     assert all(calls[m] == 3 for m in segments)
