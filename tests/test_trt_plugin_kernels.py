@@ -4,7 +4,10 @@ Every plugin kernel does its per-element work in `__host__ __device__` functions
 (`trt_plugins/<Op>/<op>.h`); `trt_plugins/tests/host_ops.cpp` runs those same functions
 serially behind a C ABI. This file compiles it with the system C++ compiler and compares it
 with `sparsevlm.methods.token_ops` in float32, including the edge cases of the contract
-(k = 0, k = N, tied scores, rank-deficient blocks, rows with different keep counts).
+(k = 0, k = N, tied scores, NaN and +-inf scores, rank-deficient blocks, rows with different
+keep counts). Masks cross the plugin boundary as int32: they go in as int32 (any nonzero value
+is true) and must come out as exactly 0 or 1. Every output buffer is followed by guard
+elements that must stay untouched (a kernel that writes past its output fails here).
 """
 
 from __future__ import annotations
@@ -43,6 +46,37 @@ def _i64(*values: int) -> list[ctypes.c_int64]:
     return [ctypes.c_int64(v) for v in values]
 
 
+GUARD = 64  # elements after every output buffer that the host path must leave alone
+
+
+class Output:
+    """An output buffer of `shape` filled with `fill`, followed by GUARD elements of `fill`."""
+
+    def __init__(self, shape, dtype, fill):
+        self.shape, self.fill = tuple(shape), fill
+        self.buffer = np.full(int(np.prod(self.shape)) + GUARD, fill, dtype=dtype)
+
+    @property
+    def ptr(self) -> ctypes.c_void_p:
+        return _ptr(self.buffer)
+
+    def tensor(self) -> torch.Tensor:
+        guard = self.buffer[self.buffer.size - GUARD:]
+        assert (np.isnan(guard) if np.isnan(self.fill) else guard == self.fill).all(), "wrote past the output"
+        return torch.from_numpy(self.buffer[:self.buffer.size - GUARD].reshape(self.shape).copy())
+
+
+def _mask_in(mask: torch.Tensor, true_value: int = 1) -> np.ndarray:
+    """A bool mask as the plugins take it: int32, nonzero = true (`true_value` for true)."""
+    return np.ascontiguousarray(mask.numpy().astype(np.int32) * np.int32(true_value))
+
+
+def _mask_out(values: torch.Tensor) -> torch.Tensor:
+    """An int32 mask the plugins wrote: exactly 0 or 1, returned as bool."""
+    assert values.dtype == torch.int32 and bool(((values == 0) | (values == 1)).all()), values
+    return values.bool()
+
+
 # ---------------------------------------------------------------------------------------------
 # TopKTokenSelect
 
@@ -50,11 +84,12 @@ def _i64(*values: int) -> list[ctypes.c_int64]:
 def run_topk(lib, tokens: torch.Tensor, scores: torch.Tensor, k: int):
     batch, num_tokens, dim = tokens.shape
     tokens_np, scores_np = tokens.numpy().copy(), scores.numpy().copy()
-    selected = np.full((batch, k, dim), np.nan, dtype=np.float32)
-    indices = np.full((batch, k), -7, dtype=np.int64)
-    lib.sparsevlm_topk_token_select(_ptr(tokens_np), _ptr(scores_np), _ptr(selected), _ptr(indices),
-                                    *_i64(batch, num_tokens, dim, k))
-    return torch.from_numpy(selected), torch.from_numpy(indices)
+    selected = Output((batch, k, dim), np.float32, np.nan)
+    indices = Output((batch, k), np.int64, -7)
+    status = lib.sparsevlm_topk_token_select(_ptr(tokens_np), _ptr(scores_np), selected.ptr, indices.ptr,
+                                             *_i64(batch, num_tokens, dim, k))
+    assert status == 0
+    return selected.tensor(), indices.tensor()
 
 
 @pytest.mark.parametrize("k", [0, 1, 7, 20])
@@ -83,20 +118,66 @@ def test_topk_token_select_ties_keep_the_lower_index(host_ops):
         assert torch.equal(selected, want_selected)
 
 
+def special_scores(batch: int, num: int, seed: int) -> torch.Tensor:
+    """Scores with many ties, NaN, +inf and -inf mixed in; row 0 all NaN, row 1 all -inf."""
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 4, (batch, num), generator=generator).float()
+    pick = torch.rand(batch, num, generator=generator)
+    scores = torch.where(pick < 0.2, float("nan"), scores)
+    scores = torch.where((pick >= 0.2) & (pick < 0.3), float("inf"), scores)
+    scores = torch.where((pick >= 0.3) & (pick < 0.4), float("-inf"), scores)
+    scores[0] = float("nan")
+    scores[1] = float("-inf")
+    return scores
+
+
+def _sorted_nan_last(values: torch.Tensor) -> list[str]:
+    """The values in ascending order, NaN last, as text (NaN != NaN, but 'nan' == 'nan')."""
+    return [repr(v) for v in sorted(values.tolist(), key=lambda v: (v != v, v if v == v else 0.0))]
+
+
+@pytest.mark.parametrize("k", [0, 1, 6, 19, 20])
+def test_topk_token_select_nan_counts_as_largest(host_ops, k):
+    # torch.topk orders NaN above every number (+inf too): the host path must select the same
+    # k scores, exactly k indices, and never write past its outputs (the old comparison let
+    # every NaN rank first, flagged more than k slots and wrote indices past the row).
+    scores = special_scores(4, 20, seed=k)
+    tokens = torch.randn(4, 20, 3, generator=torch.Generator().manual_seed(100 + k))
+    selected, indices = run_topk(host_ops, tokens, scores, k)
+    want_selected, want_indices = token_ops.topk_token_select(tokens, scores, k)
+    assert torch.equal(indices, want_indices)
+    assert torch.equal(selected, want_selected)
+    for row in range(4):
+        assert len(set(indices[row].tolist())) == k
+        assert _sorted_nan_last(scores[row, indices[row]]) == _sorted_nan_last(torch.topk(scores[row], k).values)
+
+
+def test_topk_token_select_refuses_k_above_n(host_ops):
+    tokens, scores = torch.randn(2, 3, 4), torch.randn(2, 3)
+    selected = Output((2, 5, 4), np.float32, np.nan)
+    indices = Output((2, 5), np.int64, -7)
+    status = host_ops.sparsevlm_topk_token_select(_ptr(tokens.numpy().copy()), _ptr(scores.numpy().copy()),
+                                                  selected.ptr, indices.ptr, *_i64(2, 3, 4, 5))
+    assert status == -1
+    assert (indices.tensor() == -7).all() and selected.tensor().isnan().all()
+
+
 # ---------------------------------------------------------------------------------------------
 # TokenPrune
 
 
-def run_prune(lib, visual, scores, visual_valid, keep_count, merged, merged_valid, width):
+def run_prune(lib, visual, scores, visual_valid, keep_count, merged, merged_valid, width, true_value=1):
+    """The host path on torch inputs (bool masks, converted to int32); bool masks back."""
     batch, num_visual, dim = visual.shape
     num_merged = merged.shape[1]
-    arrays = [t.numpy().copy() for t in (visual, scores, visual_valid, keep_count, merged, merged_valid)]
-    pruned = np.full((batch, width, dim), np.nan, dtype=np.float32)
-    pruned_valid = np.zeros((batch, width), dtype=np.bool_)
-    source_index = np.full((batch, width), 99, dtype=np.int64)
-    lib.sparsevlm_token_prune(*[_ptr(a) for a in arrays], _ptr(pruned), _ptr(pruned_valid), _ptr(source_index),
+    arrays = [visual.numpy().copy(), scores.numpy().copy(), _mask_in(visual_valid, true_value),
+              keep_count.numpy().copy(), merged.numpy().copy(), _mask_in(merged_valid, true_value)]
+    pruned = Output((batch, width, dim), np.float32, np.nan)
+    pruned_valid = Output((batch, width), np.int32, 7)
+    source_index = Output((batch, width), np.int64, 99)
+    lib.sparsevlm_token_prune(*[_ptr(a) for a in arrays], pruned.ptr, pruned_valid.ptr, source_index.ptr,
                               *_i64(batch, num_visual, num_merged, dim, width))
-    return torch.from_numpy(pruned), torch.from_numpy(pruned_valid), torch.from_numpy(source_index)
+    return pruned.tensor(), _mask_out(pruned_valid.tensor()), source_index.tensor()
 
 
 def prune_case(seed: int, tied_scores: bool = False):
@@ -143,20 +224,56 @@ def test_token_prune_hand_computed_row(host_ops):
     assert pruned[0, :, 0].tolist() == [10.0, 12.0, 21.0, 0.0, 0.0]
 
 
+@pytest.mark.parametrize("extra_width", [0, -3])
+def test_token_prune_nan_and_inf_scores_match_reference(host_ops, extra_width):
+    visual, _, visual_valid, keep_count, merged, merged_valid = prune_case(5)
+    scores = special_scores(4, 24, seed=5)
+    needed = int((token_ops.topk_keep_mask(scores, visual_valid, keep_count).sum(1) + merged_valid.sum(1)).max())
+    width = needed + extra_width
+    got = run_prune(host_ops, visual, scores, visual_valid, keep_count, merged, merged_valid, width)
+    want = token_ops.token_prune(visual, scores, visual_valid, keep_count, merged, merged_valid, width)
+    for name, g, w in zip(("pruned", "pruned_valid", "source_index"), got, want):
+        assert torch.equal(g, w), name
+
+
+def test_token_prune_keeps_exactly_keep_count_with_nan_scores(host_ops):
+    # Every valid slot scored NaN, some +inf: NaN ranks first (lower index on ties), exactly 5 kept.
+    visual = torch.arange(10, dtype=torch.float32).reshape(1, 10, 1)
+    scores = torch.tensor([[float("nan"), 1.0, float("inf"), float("nan"), 2.0, float("nan"), float("nan"),
+                            float("nan"), float("inf"), float("nan")]])
+    visual_valid = torch.tensor([[True, True, True, False, True, True, True, False, True, True]])
+    merged, merged_valid = torch.zeros(1, 1, 1), torch.zeros(1, 1, dtype=torch.bool)
+    _, valid, source = run_prune(host_ops, visual, scores, visual_valid, torch.tensor([5]), merged, merged_valid, 8)
+    # Valid NaNs: slots 0, 5, 6, 9 (3 and 7 are invalid); then +inf at 2 (before 8).
+    assert source.tolist() == [[0, 2, 5, 6, 9, -1, -1, -1]]
+    assert valid.sum().item() == 5
+
+
+def test_token_prune_reads_any_nonzero_mask_value_as_true(host_ops):
+    case = prune_case(3)
+    width = 30
+    ones = run_prune(host_ops, *case, width, true_value=1)
+    for true_value in (-1, 7, 2 ** 31 - 1):
+        other = run_prune(host_ops, *case, width, true_value=true_value)
+        for a, b in zip(ones, other):
+            assert torch.equal(a, b)
+
+
 # ---------------------------------------------------------------------------------------------
 # TokenRecycle
 
 
-def run_recycle(lib, visual, scores, visual_valid, keep_count, candidate_percent, cluster_divisor):
+def run_recycle(lib, visual, scores, visual_valid, keep_count, candidate_percent, cluster_divisor, true_value=1):
     batch, num_visual, dim = visual.shape
     width = lib.sparsevlm_token_recycle(None, None, None, None, None, None, *_i64(batch, num_visual, dim,
                                                                                   candidate_percent, cluster_divisor))
-    arrays = [t.numpy().copy() for t in (visual, scores, visual_valid, keep_count)]
-    merged = np.full((batch, width, dim), np.nan, dtype=np.float32)
-    merged_valid = np.zeros((batch, width), dtype=np.bool_)
-    lib.sparsevlm_token_recycle(*[_ptr(a) for a in arrays], _ptr(merged), _ptr(merged_valid),
+    arrays = [visual.numpy().copy(), scores.numpy().copy(), _mask_in(visual_valid, true_value),
+              keep_count.numpy().copy()]
+    merged = Output((batch, width, dim), np.float32, np.nan)
+    merged_valid = Output((batch, width), np.int32, 7)
+    lib.sparsevlm_token_recycle(*[_ptr(a) for a in arrays], merged.ptr, merged_valid.ptr,
                                 *_i64(batch, num_visual, dim, candidate_percent, cluster_divisor))
-    return torch.from_numpy(merged), torch.from_numpy(merged_valid)
+    return merged.tensor(), _mask_out(merged_valid.tensor())
 
 
 @pytest.fixture(autouse=True)
@@ -207,6 +324,45 @@ def test_token_recycle_hand_computed_row(host_ops):
     torch.testing.assert_close(merged, want)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_token_recycle_nan_and_inf_scores_match_reference(host_ops, seed):
+    generator = torch.Generator().manual_seed(seed)
+    batch, num_visual, dim = 4, 40, 16
+    visual = torch.randn(batch, num_visual, dim, generator=generator)
+    scores = special_scores(batch, num_visual, seed=seed)
+    visual_valid = torch.rand(batch, num_visual, generator=generator) > 0.2
+    keep_count = torch.tensor([3, 10, int(visual_valid[2].sum()) // 2, 0])
+    merged, merged_valid = run_recycle(host_ops, visual, scores, visual_valid, keep_count, 30, 10, true_value=-5)
+    want_merged, want_valid = token_ops.token_recycle(visual, scores, visual_valid, keep_count)
+    assert torch.equal(merged_valid, want_valid)
+    torch.testing.assert_close(merged, want_merged, rtol=1e-5, atol=1e-5)
+
+
+def test_token_recycle_is_safe_on_non_finite_tokens(host_ops):
+    # NaN / inf in the tokens make distances and densities NaN: no reference to compare with, but
+    # the host path must still pick exactly c centres, write every output element exactly once
+    # and nothing past them (the guards), and mark exactly c slots valid.
+    generator = torch.Generator().manual_seed(3)
+    visual = torch.randn(3, 40, 8, generator=generator)
+    visual[0, ::3] = float("nan")
+    visual[1] = float("inf")
+    visual[2, :, 0] = float("-inf")
+    scores = torch.randn(3, 40, generator=generator)
+    visual_valid = torch.ones(3, 40, dtype=torch.bool)
+    keep_count = torch.tensor([5, 0, 20])
+    _, merged_valid = run_recycle(host_ops, visual, scores, visual_valid, keep_count, 30, 10)
+    assert merged_valid.sum(1).tolist() == [token_ops.recycled_count(40 - int(k)) for k in keep_count]
+
+
+def test_token_recycle_zero_visual_tokens(host_ops):
+    # V = 0: OPS.md's shape rule gives pool(0) = 1 and C = 1 (the width getOutputShapes states);
+    # nothing can be deleted, so that one slot is written as zeros with merged_valid 0.
+    merged, merged_valid = run_recycle(host_ops, torch.zeros(2, 0, 4), torch.zeros(2, 0),
+                                       torch.zeros(2, 0, dtype=torch.bool), torch.tensor([0, 3]), 30, 10)
+    assert merged.shape == (2, 1, 4) and merged_valid.shape == (2, 1)
+    assert (merged == 0).all() and not merged_valid.any()
+
+
 # ---------------------------------------------------------------------------------------------
 # RankKeepCount
 
@@ -223,13 +379,13 @@ def reference_keep(rule: str, rank: int, visual: int, scale: float, bias: float,
 
 def run_rank(lib, attention, raters, visual_valid, rule, scale, bias, lam):
     batch, num_raters, num_visual = attention.shape
-    arrays = [t.numpy().copy() for t in (attention, raters, visual_valid)]
-    rank = np.full(batch, -9, dtype=np.int64)
-    keep = np.full(batch, -9, dtype=np.int64)
-    lib.sparsevlm_rank_keep_count(*[_ptr(a) for a in arrays], _ptr(rank), _ptr(keep),
+    arrays = [attention.numpy().copy(), _mask_in(raters), _mask_in(visual_valid)]
+    rank = Output((batch,), np.int64, -9)
+    keep = Output((batch,), np.int64, -9)
+    lib.sparsevlm_rank_keep_count(*[_ptr(a) for a in arrays], rank.ptr, keep.ptr,
                                   *_i64(batch, num_raters, num_visual), ctypes.c_int32(RULES[rule]),
-                                  ctypes.c_float(scale), ctypes.c_float(bias), ctypes.c_float(lam))
-    return torch.from_numpy(rank), torch.from_numpy(keep)
+                                  ctypes.c_double(scale), ctypes.c_double(bias), ctypes.c_double(lam))
+    return rank.tensor(), keep.tensor()
 
 
 def rank_cases():
@@ -295,3 +451,17 @@ def test_rank_keep_count_tolerance_keeps_small_genuine_singular_values(host_ops)
     rank, _ = run_rank(host_ops, attention, raters, visual_valid, "paper", 1.0, 0.0, 1.0)
     want_rank, _ = token_ops.rank_keep_count(attention, raters, visual_valid, lambda r, v: 0)
     assert rank.tolist() == want_rank.tolist() == [4]
+
+
+@pytest.mark.parametrize("rule,scale,bias,lam,want_keep", [("v1.0", 0.7, 0.0, 0.0, 7), ("paper", 1.0, 0.0, 0.7, 13)])
+def test_rank_keep_count_rule_numbers_are_double(host_ops, rule, scale, bias, lam, want_keep):
+    # Rank 10 of 20 valid columns. Python (the reference) computes 10 * 0.7 = 7.000000000000001
+    # and int() gives 7; with 0.7 rounded to float32 first (0.69999999) the product is 6.9999998
+    # and the rule would keep 6 (v1.0) or delete 6 instead of 7 (paper).
+    generator = torch.Generator().manual_seed(8)
+    attention = (torch.randn(1, 12, 10, generator=generator) @ torch.randn(1, 10, 20, generator=generator)).contiguous()
+    raters = torch.ones(1, 12, dtype=torch.bool)
+    visual_valid = torch.ones(1, 20, dtype=torch.bool)
+    rank, keep = run_rank(host_ops, attention, raters, visual_valid, rule, scale, bias, lam)
+    assert rank.tolist() == [10]
+    assert keep.tolist() == [reference_keep(rule, 10, 20, scale, bias, lam)] == [want_keep]

@@ -153,8 +153,15 @@ def test_build_without_headers_says_what_is_missing(tmp_path, monkeypatch):
 # With TensorRT headers
 
 
+# The build folder, once per session: tests/test_trt_plugin_parity.py imports `built` too, and
+# pytest gives an imported module-scoped fixture one instance per module (see export_helpers.py).
+_BUILT: list[Path] = []
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
+    if _BUILT:
+        return _BUILT[0]
     include = _tensorrt_include()
     if include is None:
         pytest.skip("TensorRT headers not available: set TENSORRT_ROOT to a folder with include/NvInfer.h "
@@ -168,6 +175,7 @@ def built(tmp_path_factory) -> Path:
                                    cuda_architectures="80")
     assert library == build_dir / LIBRARY_NAME and library.is_file()
     assert (build_dir / STATIC_LIBRARY_NAME).is_file()
+    _BUILT.append(build_dir)
     return build_dir
 
 
@@ -204,7 +212,7 @@ def test_cpu_harness_passes(built):
     assert summary, result.stdout + result.stderr
     failures = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
     assert result.returncode == 0 and summary.group(2) == "0", failures
-    assert int(summary.group(1)) >= 300  # every op, both phases, clone: a few hundred checks
+    assert int(summary.group(1)) >= 500  # every op, both phases, clone: a few hundred checks
 
 
 # ---------------------------------------------------------------------------------------------

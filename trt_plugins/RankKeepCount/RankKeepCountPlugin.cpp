@@ -1,5 +1,5 @@
 // RankKeepCount as a TensorRT IPluginV3. Inputs: rater_attention [B, T, V] (float32, or
-// float16), rater_mask bool [B, T], visual_valid bool [B, V]. Outputs: rank and keep_count,
+// float16), rater_mask int32 [B, T], visual_valid int32 [B, V]. Outputs: rank and keep_count,
 // int64 [B]. Contract: README.md next to this file, export/OPS.md.
 #include "../common/plugin_common.h"
 #include "rank_keep_count_kernel.h"
@@ -71,7 +71,7 @@ public:
         return 0;
     }
 
-    // Positions: 0 rater_attention (float32/float16); 1, 2 masks (bool); 3, 4 outputs (int64).
+    // Positions: 0 rater_attention (float32/float16); 1, 2 masks (int32 0/1); 3, 4 outputs (int64).
     bool supportsFormatCombination(
         int32_t pos, DynamicPluginTensorDesc const* inOut, int32_t nbInputs, int32_t nbOutputs) noexcept override
     {
@@ -84,26 +84,29 @@ public:
         {
             return type == DataType::kFLOAT || type == DataType::kHALF;
         }
-        return type == (pos <= 2 ? DataType::kBOOL : DataType::kINT64);
+        return type == (pos <= 2 ? DataType::kINT32 : DataType::kINT64);
     }
 
     int32_t configurePlugin(DynamicPluginTensorDesc const* in, int32_t nbInputs, DynamicPluginTensorDesc const*,
         int32_t nbOutputs) noexcept override
     {
-        if (nbInputs != 3 || nbOutputs != 2
-            || !checkRanks(kName, in, 3, {3, 2, 2}, {"rater_attention", "rater_mask", "visual_valid"}))
+        return configuredShapesValid(in, nbInputs, nbOutputs) ? 0 : -1;
+    }
+
+    bool checkShapes(Dims const* in, int32_t nbInputs) const noexcept override
+    {
+        if (nbInputs != 3 || !checkRanks(kName, in, 3, {3, 2, 2}, {"rater_attention", "rater_mask", "visual_valid"}))
         {
-            return -1;
+            return false;
         }
-        Dims const& attention = in[0].desc.dims;
-        if (knownMismatch(in[1].desc.dims.d[0], attention.d[0]) || knownMismatch(in[1].desc.dims.d[1], attention.d[1])
-            || knownMismatch(in[2].desc.dims.d[0], attention.d[0])
-            || knownMismatch(in[2].desc.dims.d[1], attention.d[2]))
+        Dims const& attention = in[0];
+        if (knownMismatch(in[1].d[0], attention.d[0]) || knownMismatch(in[1].d[1], attention.d[1])
+            || knownMismatch(in[2].d[0], attention.d[0]) || knownMismatch(in[2].d[1], attention.d[2]))
         {
             logError("RankKeepCount: rater_mask must be [B, T] and visual_valid [B, V] for rater_attention [B, T, V]");
-            return -1;
+            return false;
         }
-        return 0;
+        return true;
     }
 
     size_t getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t, DynamicPluginTensorDesc const*,
@@ -119,7 +122,8 @@ public:
         Dims const& attention = inputDesc[0].dims;
         rankkeep::Shape const shape{attention.d[0], attention.d[1], attention.d[2]};
         cudaError_t const status = launchRankKeepCount(elementType(inputDesc[0].type), inputs[0],
-            static_cast<bool const*>(inputs[1]), static_cast<bool const*>(inputs[2]), static_cast<int64_t*>(outputs[0]),
+            static_cast<int32_t const*>(inputs[1]), static_cast<int32_t const*>(inputs[2]),
+            static_cast<int64_t*>(outputs[0]),
             static_cast<int64_t*>(outputs[1]), shape, mParams, workspace, stream);
         if (status != cudaSuccess)
         {
@@ -133,9 +137,9 @@ public:
     {
         return serializedFields({PluginField("rule", mRuleName.c_str(), PluginFieldType::kCHAR,
                                      static_cast<int32_t>(mRuleName.size())),
-            PluginField("scale", &mParams.scale, PluginFieldType::kFLOAT32, 1),
-            PluginField("bias", &mParams.bias, PluginFieldType::kFLOAT32, 1),
-            PluginField("lam", &mParams.lam, PluginFieldType::kFLOAT32, 1)});
+            PluginField("scale", &mParams.scale, PluginFieldType::kFLOAT64, 1),
+            PluginField("bias", &mParams.bias, PluginFieldType::kFLOAT64, 1),
+            PluginField("lam", &mParams.lam, PluginFieldType::kFLOAT64, 1)});
     }
 
 private:
@@ -148,9 +152,9 @@ class RankKeepCountCreator : public CreatorBase
 public:
     RankKeepCountCreator()
         : CreatorBase({PluginField("rule", nullptr, PluginFieldType::kCHAR, 0),
-            PluginField("scale", nullptr, PluginFieldType::kFLOAT32, 1),
-            PluginField("bias", nullptr, PluginFieldType::kFLOAT32, 1),
-            PluginField("lam", nullptr, PluginFieldType::kFLOAT32, 1)})
+            PluginField("scale", nullptr, PluginFieldType::kFLOAT64, 1),
+            PluginField("bias", nullptr, PluginFieldType::kFLOAT64, 1),
+            PluginField("lam", nullptr, PluginFieldType::kFLOAT64, 1)})
     {
     }
     char const* getPluginName() const noexcept override
@@ -159,11 +163,12 @@ public:
     }
 
     // `rule` is required, and so are the numbers it uses: scale and bias for "v1.0", lam for
-    // "paper". A missing one is an error rather than a silent default.
+    // "paper". A missing one is an error rather than a silent default. The numbers are taken as
+    // kFLOAT32 (the ONNX parser's FLOAT) or kFLOAT64, held and serialized as double.
     IPluginV3* createPlugin(char const*, PluginFieldCollection const* fc, TensorRTPhase) noexcept override
     {
         std::string rule;
-        rankkeep::RuleParams params{rankkeep::Rule::kV10, 0.0F, 0.0F, 0.0F};
+        rankkeep::RuleParams params{rankkeep::Rule::kV10, 0.0, 0.0, 0.0};
         bool hasScale = false;
         bool hasBias = false;
         bool hasLam = false;
@@ -178,15 +183,15 @@ public:
             }
             else if (name == "scale")
             {
-                ok = hasScale = readFloat(field, params.scale);
+                ok = hasScale = readDouble(field, params.scale);
             }
             else if (name == "bias")
             {
-                ok = hasBias = readFloat(field, params.bias);
+                ok = hasBias = readDouble(field, params.bias);
             }
             else if (name == "lam")
             {
-                ok = hasLam = readFloat(field, params.lam);
+                ok = hasLam = readDouble(field, params.lam);
             }
             if (!ok)
             {

@@ -1,7 +1,7 @@
 // RankKeepCount, per-row work shared by the CUDA kernel and the CPU test path.
 // Contract: export/OPS.md and README.md next to this file.
 //
-// Per row: P = rater rows x valid visual columns (m x n). Its singular values come from a
+// Per row: P = rater rows x valid visual columns (m x n); the masks are int32, nonzero = set. Its singular values come from a
 // one-sided Jacobi SVD (Hestenes) in float64: the min(m, n) "vectors" (rows of P when m <= n,
 // else its columns) are rotated pairwise, in round-robin sweeps, until mutually orthogonal;
 // their norms are then the singular values. rank = #{sigma > eps_f32 * max(m, n) * sigma_max}, torch.linalg.matrix_rank's
@@ -27,12 +27,15 @@ enum class Rule : int32_t
     kPAPER = 1 // "paper": N = int(lam * (v - rank)); keep = v if N == 0 else max(v - N, 0)
 };
 
+// Double, as the reference holds them (Python floats): `int(rank * scale + bias)` can land on
+// the other side of an integer when scale is rounded to float32 first (0.7 * 10 is 7.000...01
+// in double, 6.99999988 with 0.7f).
 struct RuleParams
 {
     Rule rule;
-    float scale;
-    float bias;
-    float lam;
+    double scale;
+    double bias;
+    double lam;
 };
 
 constexpr int32_t kMaxSweeps = 60;            // Jacobi converges quadratically; 60 is never reached in practice
@@ -66,7 +69,8 @@ struct Block
     int64_t cols;   // n
 };
 
-SPARSEVLM_HD inline Block makeBlock(double* data, bool const* rowRaters, bool const* rowVisualValid, Shape const& s)
+SPARSEVLM_HD inline Block makeBlock(
+    double* data, int32_t const* rowRaters, int32_t const* rowVisualValid, Shape const& s)
 {
     Block k;
     k.data = data;
@@ -80,10 +84,10 @@ SPARSEVLM_HD inline Block makeBlock(double* data, bool const* rowRaters, bool co
 // Copy element (t, v) of the attention row into the block when both are selected. The
 // compacted positions come from countSetBefore, so one thread per element works.
 template <typename T>
-SPARSEVLM_HD inline void copyElement(T const* rowAttention, bool const* rowRaters, bool const* rowVisualValid,
-    Block const& k, int64_t numVisual, int64_t t, int64_t v)
+SPARSEVLM_HD inline void copyElement(T const* rowAttention, int32_t const* rowRaters,
+    int32_t const* rowVisualValid, Block const& k, int64_t numVisual, int64_t t, int64_t v)
 {
-    if (!rowRaters[t] || !rowVisualValid[v])
+    if (!isSet(rowRaters[t]) || !isSet(rowVisualValid[v]))
     {
         return;
     }
@@ -182,6 +186,17 @@ SPARSEVLM_HD inline int64_t countRank(Block const& k)
     return rank;
 }
 
+// a * b + c rounded twice, as Python computes it: nvcc would otherwise contract it into one
+// fused multiply-add on the device, which can cross an integer that int() then truncates to.
+SPARSEVLM_HD inline double productPlus(double a, double b, double c)
+{
+#ifdef __CUDA_ARCH__
+    return __dadd_rn(__dmul_rn(a, b), c);
+#else
+    return a * b + c;
+#endif
+}
+
 // The keep rule (methods/config.py, OPS.md); Python's int() truncates toward zero, like trunc.
 SPARSEVLM_HD inline int64_t keepCount(RuleParams const& params, int64_t rank, int64_t visualCount)
 {
@@ -191,11 +206,11 @@ SPARSEVLM_HD inline int64_t keepCount(RuleParams const& params, int64_t rank, in
         {
             return visualCount;
         }
-        double const keep = trunc(static_cast<double>(rank) * params.scale + params.bias);
+        double const keep = trunc(productPlus(static_cast<double>(rank), params.scale, params.bias));
         double const upper = static_cast<double>(visualCount - 1);
         return static_cast<int64_t>(keep < 0.0 ? 0.0 : (keep > upper ? upper : keep));
     }
-    double const deleted = trunc(static_cast<double>(params.lam) * static_cast<double>(visualCount - rank));
+    double const deleted = trunc(params.lam * static_cast<double>(visualCount - rank));
     if (deleted == 0.0)
     {
         return visualCount;
@@ -206,13 +221,13 @@ SPARSEVLM_HD inline int64_t keepCount(RuleParams const& params, int64_t rank, in
 
 // The CPU path: the same functions and sweep order, the pair sums accumulated serially.
 template <typename T>
-inline void runOnHost(T const* attention, bool const* raters, bool const* visualValid, int64_t* rank,
+inline void runOnHost(T const* attention, int32_t const* raters, int32_t const* visualValid, int64_t* rank,
     int64_t* keep, Shape const& s, RuleParams const& params, void* workspace)
 {
     for (int64_t b = 0; b < s.batch; ++b)
     {
-        bool const* rowRaters = raters + b * s.numRaters;
-        bool const* rowValid = visualValid + b * s.numVisual;
+        int32_t const* rowRaters = raters + b * s.numRaters;
+        int32_t const* rowValid = visualValid + b * s.numVisual;
         double* data = reinterpret_cast<double*>(static_cast<char*>(workspace) + b * rowScratchBytes(s));
         Block const k = makeBlock(data, rowRaters, rowValid, s);
         for (int64_t t = 0; t < s.numRaters; ++t)

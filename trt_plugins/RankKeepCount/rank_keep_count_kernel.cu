@@ -54,7 +54,7 @@ __device__ bool orthogonalizePair(rankkeep::Block const& k, int64_t p, int64_t q
 }
 
 template <typename T>
-__global__ void rankKernel(T const* attention, bool const* raters, bool const* visualValid, int64_t* rank,
+__global__ void rankKernel(T const* attention, int32_t const* raters, int32_t const* visualValid, int64_t* rank,
     int64_t* keep, rankkeep::Shape s, rankkeep::RuleParams params, void* workspace)
 {
     __shared__ bool rotatedInSweep;
@@ -63,8 +63,8 @@ __global__ void rankKernel(T const* attention, bool const* raters, bool const* v
     int const lane = threadIdx.x % kWarp;
     int const warp = threadIdx.x / kWarp;
     int const numWarps = blockDim.x / kWarp;
-    bool const* rowRaters = raters + b * s.numRaters;
-    bool const* rowValid = visualValid + b * s.numVisual;
+    int32_t const* rowRaters = raters + b * s.numRaters;
+    int32_t const* rowValid = visualValid + b * s.numVisual;
     double* data = reinterpret_cast<double*>(static_cast<char*>(workspace) + b * rankkeep::rowScratchBytes(s));
     rankkeep::Block const k = rankkeep::makeBlock(data, rowRaters, rowValid, s);
 
@@ -113,7 +113,7 @@ __global__ void rankKernel(T const* attention, bool const* raters, bool const* v
 }
 
 template <typename T>
-cudaError_t launch(T const* attention, bool const* raters, bool const* visualValid, int64_t* rank, int64_t* keep,
+cudaError_t launch(T const* attention, int32_t const* raters, int32_t const* visualValid, int64_t* rank, int64_t* keep,
     rankkeep::Shape const& s, rankkeep::RuleParams const& params, void* workspace, cudaStream_t stream)
 {
     if (s.batch == 0)
@@ -127,8 +127,8 @@ cudaError_t launch(T const* attention, bool const* raters, bool const* visualVal
 
 } // namespace
 
-cudaError_t launchRankKeepCount(ElementType type, void const* attention, bool const* raters,
-    bool const* visualValid, int64_t* rank, int64_t* keep, rankkeep::Shape const& shape,
+cudaError_t launchRankKeepCount(ElementType type, void const* attention, int32_t const* raters,
+    int32_t const* visualValid, int64_t* rank, int64_t* keep, rankkeep::Shape const& shape,
     rankkeep::RuleParams const& params, void* workspace, cudaStream_t stream)
 {
     if (type == ElementType::kFLOAT16)

@@ -8,11 +8,11 @@
 namespace sparsevlm
 {
 
-// rater_attention [B, T, V] of `type`; rater_mask bool [B, T]; visual_valid bool [B, V];
+// rater_attention [B, T, V] of `type`; rater_mask int32 [B, T]; visual_valid int32 [B, V];
 // outputs rank and keep_count int64 [B]. `workspace` holds rankkeep::workspaceSize(shape)
 // bytes. Asynchronous on `stream`.
-cudaError_t launchRankKeepCount(ElementType type, void const* attention, bool const* raters,
-    bool const* visualValid, int64_t* rank, int64_t* keep, rankkeep::Shape const& shape,
+cudaError_t launchRankKeepCount(ElementType type, void const* attention, int32_t const* raters,
+    int32_t const* visualValid, int64_t* rank, int64_t* keep, rankkeep::Shape const& shape,
     rankkeep::RuleParams const& params, void* workspace, cudaStream_t stream);
 
 } // namespace sparsevlm

@@ -1,7 +1,7 @@
 // TokenPrune as a TensorRT IPluginV3. Inputs: visual [B, V, D], scores [B, V], visual_valid
-// bool [B, V], keep_count int64 [B], merged [B, C, D], merged_valid bool [B, C], out_width
-// [W] (any type; only its length is read). Outputs: pruned [B, W, D], pruned_valid bool
-// [B, W], source_index int64 [B, W]. Contract: README.md next to this file, export/OPS.md.
+// int32 [B, V], keep_count int64 [B], merged [B, C, D], merged_valid int32 [B, C], out_width
+// [W] (int64, int32, float or half; only its length is read). Outputs: pruned [B, W, D],
+// pruned_valid int32 [B, W], source_index int64 [B, W]. Contract: README.md next to this file, export/OPS.md.
 #include "../common/plugin_common.h"
 #include "token_prune_kernel.h"
 
@@ -58,7 +58,7 @@ public:
             return -1;
         }
         outputTypes[kPruned] = inputTypes[kVisual];
-        outputTypes[kPrunedValid] = DataType::kBOOL;
+        outputTypes[kPrunedValid] = DataType::kINT32;
         outputTypes[kSourceIndex] = DataType::kINT64;
         return 0;
     }
@@ -105,12 +105,12 @@ public:
         case kNbInputs + kPruned: return type == inOut[kVisual].desc.type;
         case kVisualValid:
         case kMergedValid:
-        case kNbInputs + kPrunedValid: return type == DataType::kBOOL;
+        case kNbInputs + kPrunedValid: return type == DataType::kINT32; // masks: int32 0/1
         case kKeepCount:
         case kNbInputs + kSourceIndex: return type == DataType::kINT64;
         case kOutWidth:
             return type == DataType::kINT64 || type == DataType::kINT32 || type == DataType::kFLOAT
-                || type == DataType::kHALF || type == DataType::kBOOL;
+                || type == DataType::kHALF;
         default: return false;
         }
     }
@@ -118,33 +118,36 @@ public:
     int32_t configurePlugin(DynamicPluginTensorDesc const* in, int32_t nbInputs, DynamicPluginTensorDesc const*,
         int32_t nbOutputs) noexcept override
     {
-        if (nbInputs != kNbInputs || nbOutputs != kNbOutputs
+        return configuredShapesValid(in, nbInputs, nbOutputs) ? 0 : -1;
+    }
+
+    bool checkShapes(Dims const* in, int32_t nbInputs) const noexcept override
+    {
+        if (nbInputs != kNbInputs
             || !checkRanks(kName, in, kNbInputs, {3, 2, 2, 1, 3, 2, 1},
                 {"visual", "scores", "visual_valid", "keep_count", "merged", "merged_valid", "out_width"}))
         {
-            return -1;
+            return false;
         }
-        Dims const& visual = in[kVisual].desc.dims;
-        Dims const& merged = in[kMerged].desc.dims;
-        bool const batchMismatch = knownMismatch(in[kScores].desc.dims.d[0], visual.d[0])
-            || knownMismatch(in[kVisualValid].desc.dims.d[0], visual.d[0])
-            || knownMismatch(in[kKeepCount].desc.dims.d[0], visual.d[0]) || knownMismatch(merged.d[0], visual.d[0])
-            || knownMismatch(in[kMergedValid].desc.dims.d[0], visual.d[0]);
-        bool const widthMismatch = knownMismatch(in[kScores].desc.dims.d[1], visual.d[1])
-            || knownMismatch(in[kVisualValid].desc.dims.d[1], visual.d[1])
-            || knownMismatch(in[kMergedValid].desc.dims.d[1], merged.d[1]);
+        Dims const& visual = in[kVisual];
+        Dims const& merged = in[kMerged];
+        bool const batchMismatch = knownMismatch(in[kScores].d[0], visual.d[0])
+            || knownMismatch(in[kVisualValid].d[0], visual.d[0]) || knownMismatch(in[kKeepCount].d[0], visual.d[0])
+            || knownMismatch(merged.d[0], visual.d[0]) || knownMismatch(in[kMergedValid].d[0], visual.d[0]);
+        bool const widthMismatch = knownMismatch(in[kScores].d[1], visual.d[1])
+            || knownMismatch(in[kVisualValid].d[1], visual.d[1]) || knownMismatch(in[kMergedValid].d[1], merged.d[1]);
         if (batchMismatch || widthMismatch || knownMismatch(merged.d[2], visual.d[2]))
         {
             logError("TokenPrune: inputs must share B, scores/visual_valid must be [B, V], merged [B, C, D] with "
                      "the visual D, merged_valid [B, C]");
-            return -1;
+            return false;
         }
         if (visual.d[2] == 0)
         {
             logError("TokenPrune: the hidden size D must be at least 1");
-            return -1;
+            return false;
         }
-        return 0;
+        return true;
     }
 
     size_t getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t, DynamicPluginTensorDesc const*,
@@ -160,9 +163,10 @@ public:
         prune::Shape const shape{
             visual.d[0], visual.d[1], inputDesc[kMerged].dims.d[1], visual.d[2], inputDesc[kOutWidth].dims.d[0]};
         cudaError_t const status = launchTokenPrune(elementType(inputDesc[kVisual].type), inputs[kVisual],
-            inputs[kScores], static_cast<bool const*>(inputs[kVisualValid]),
+            inputs[kScores], static_cast<int32_t const*>(inputs[kVisualValid]),
             static_cast<int64_t const*>(inputs[kKeepCount]), inputs[kMerged],
-            static_cast<bool const*>(inputs[kMergedValid]), outputs[kPruned], static_cast<bool*>(outputs[kPrunedValid]),
+            static_cast<int32_t const*>(inputs[kMergedValid]), outputs[kPruned],
+            static_cast<int32_t*>(outputs[kPrunedValid]),
             static_cast<int64_t*>(outputs[kSourceIndex]), shape, workspace, stream);
         if (status != cudaSuccess)
         {

@@ -2,12 +2,14 @@
 // Contract: export/OPS.md and README.md next to this file.
 //
 // Stages (one thread per element on the device):
-//   1. kept[b, i] = visual slot i is among the keep_count[b] best valid slots of row b
+//   1. kept[b, i] = visual slot i is valid and among the keep_count[b] first of row b in the
+//      order of host_device.h (NaN largest, invalid slots scored -inf, lower index on ties)
 //   2. for every input slot s (0..V-1 visual, V..V+C-1 merged) its output position:
 //      kept visual slots first in slot order, then the valid merged slots; slots that land
 //      at or beyond W are dropped (OPS.md: a smaller W truncates)
 //   3. every output slot j: copy the vector of source_index[b, j], or zeros for padding
 // source_index starts as -1 everywhere (a 0xFF byte fill), so stage 2 only writes hits.
+// Masks are int32 (visual_valid, merged_valid read as nonzero = valid; pruned_valid written 0/1).
 #pragma once
 
 #include "../common/host_device.h"
@@ -26,21 +28,21 @@ SPARSEVLM_HD inline int64_t workspaceSize(int64_t batch, int64_t numVisual)
 // Stage 1, for visual slot i of one row.
 template <typename T>
 SPARSEVLM_HD inline bool isKeptSlot(
-    T const* rowScores, bool const* rowVisualValid, int64_t numVisual, int64_t keepCount, int64_t i)
+    T const* rowScores, int32_t const* rowVisualValid, int64_t numVisual, int64_t keepCount, int64_t i)
 {
     return isKept(rowScores, rowVisualValid, numVisual, keepCount, i);
 }
 
 // Stage 2, for input slot s of one row: its output position, or -1 when it is not selected.
 SPARSEVLM_HD inline int64_t outputPosition(
-    bool const* rowKept, bool const* rowMergedValid, int64_t numVisual, int64_t s)
+    bool const* rowKept, int32_t const* rowMergedValid, int64_t numVisual, int64_t s)
 {
     if (s < numVisual)
     {
         return rowKept[s] ? countSetBefore(rowKept, s) : -1;
     }
     int64_t const m = s - numVisual;
-    if (!rowMergedValid[m])
+    if (!isSet(rowMergedValid[m]))
     {
         return -1;
     }
@@ -49,7 +51,7 @@ SPARSEVLM_HD inline int64_t outputPosition(
 
 // Stage 2 write: record slot s at its position when that position fits in the W outputs.
 SPARSEVLM_HD inline void scatterSource(
-    bool const* rowKept, bool const* rowMergedValid, int64_t* rowSourceIndex, int64_t numVisual, int64_t width, int64_t s)
+    bool const* rowKept, int32_t const* rowMergedValid, int64_t* rowSourceIndex, int64_t numVisual, int64_t width, int64_t s)
 {
     int64_t const position = outputPosition(rowKept, rowMergedValid, numVisual, s);
     if (position >= 0 && position < width)
@@ -61,7 +63,7 @@ SPARSEVLM_HD inline void scatterSource(
 // Stage 3, for element (j, d) of one row's output; d == 0 also writes pruned_valid[j].
 template <typename T>
 SPARSEVLM_HD inline void gatherElement(T const* rowVisual, T const* rowMerged, int64_t const* rowSourceIndex,
-    T* rowPruned, bool* rowPrunedValid, int64_t numVisual, int64_t dim, int64_t j, int64_t d)
+    T* rowPruned, int32_t* rowPrunedValid, int64_t numVisual, int64_t dim, int64_t j, int64_t d)
 {
     int64_t const source = rowSourceIndex[j];
     T value = fromFloat<T>(0.0F);
@@ -72,7 +74,7 @@ SPARSEVLM_HD inline void gatherElement(T const* rowVisual, T const* rowMerged, i
     rowPruned[j * dim + d] = value;
     if (d == 0)
     {
-        rowPrunedValid[j] = source >= 0;
+        rowPrunedValid[j] = source >= 0 ? 1 : 0;
     }
 }
 
@@ -88,8 +90,8 @@ struct Shape
 
 // The CPU path: the same stages, run serially. `workspace` holds workspaceSize() bytes.
 template <typename T>
-inline void runOnHost(T const* visual, T const* scores, bool const* visualValid, int64_t const* keepCount,
-    T const* merged, bool const* mergedValid, T* pruned, bool* prunedValid, int64_t* sourceIndex, Shape const& s,
+inline void runOnHost(T const* visual, T const* scores, int32_t const* visualValid, int64_t const* keepCount,
+    T const* merged, int32_t const* mergedValid, T* pruned, int32_t* prunedValid, int64_t* sourceIndex, Shape const& s,
     void* workspace)
 {
     bool* kept = static_cast<bool*>(workspace);

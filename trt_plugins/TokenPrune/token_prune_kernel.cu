@@ -11,7 +11,7 @@ namespace
 
 template <typename T>
 __global__ void keptKernel(
-    T const* scores, bool const* visualValid, int64_t const* keepCount, bool* kept, prune::Shape s)
+    T const* scores, int32_t const* visualValid, int64_t const* keepCount, bool* kept, prune::Shape s)
 {
     int64_t const element = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
     if (element < s.batch * s.numVisual)
@@ -22,7 +22,7 @@ __global__ void keptKernel(
     }
 }
 
-__global__ void scatterKernel(bool const* kept, bool const* mergedValid, int64_t* sourceIndex, prune::Shape s)
+__global__ void scatterKernel(bool const* kept, int32_t const* mergedValid, int64_t* sourceIndex, prune::Shape s)
 {
     int64_t const slots = s.numVisual + s.numMerged;
     int64_t const element = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
@@ -36,7 +36,7 @@ __global__ void scatterKernel(bool const* kept, bool const* mergedValid, int64_t
 
 template <typename T>
 __global__ void gatherKernel(
-    T const* visual, T const* merged, int64_t const* sourceIndex, T* pruned, bool* prunedValid, prune::Shape s)
+    T const* visual, T const* merged, int64_t const* sourceIndex, T* pruned, int32_t* prunedValid, prune::Shape s)
 {
     int64_t const element = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
     if (element < s.batch * s.width * s.dim)
@@ -50,13 +50,17 @@ __global__ void gatherKernel(
 }
 
 template <typename T>
-cudaError_t launch(T const* visual, T const* scores, bool const* visualValid, int64_t const* keepCount,
-    T const* merged, bool const* mergedValid, T* pruned, bool* prunedValid, int64_t* sourceIndex,
+cudaError_t launch(T const* visual, T const* scores, int32_t const* visualValid, int64_t const* keepCount,
+    T const* merged, int32_t const* mergedValid, T* pruned, int32_t* prunedValid, int64_t* sourceIndex,
     prune::Shape const& s, void* workspace, cudaStream_t stream)
 {
     if (s.batch * s.width == 0)
     {
         return cudaSuccess; // empty outputs: nothing to write
+    }
+    if (s.dim < 1)
+    {
+        return cudaErrorInvalidValue; // stage 3 writes pruned_valid from its d = 0 thread
     }
     // All bytes 0xFF is -1 in int64: every output slot starts as padding.
     cudaError_t status = cudaMemsetAsync(sourceIndex, 0xFF, s.batch * s.width * sizeof(int64_t), stream);
@@ -74,7 +78,6 @@ cudaError_t launch(T const* visual, T const* scores, bool const* visualValid, in
         scatterKernel<<<blocksFor(s.batch * (s.numVisual + s.numMerged)), kThreads, 0, stream>>>(
             kept, mergedValid, sourceIndex, s);
     }
-    // The plugin rejects D = 0 in configurePlugin: stage 3 writes pruned_valid from its d = 0 thread.
     gatherKernel<<<blocksFor(s.batch * s.width * s.dim), kThreads, 0, stream>>>(
         visual, merged, sourceIndex, pruned, prunedValid, s);
     return cudaGetLastError();
@@ -82,8 +85,8 @@ cudaError_t launch(T const* visual, T const* scores, bool const* visualValid, in
 
 } // namespace
 
-cudaError_t launchTokenPrune(ElementType type, void const* visual, void const* scores, bool const* visualValid,
-    int64_t const* keepCount, void const* merged, bool const* mergedValid, void* pruned, bool* prunedValid,
+cudaError_t launchTokenPrune(ElementType type, void const* visual, void const* scores, int32_t const* visualValid,
+    int64_t const* keepCount, void const* merged, int32_t const* mergedValid, void* pruned, int32_t* prunedValid,
     int64_t* sourceIndex, prune::Shape const& shape, void* workspace, cudaStream_t stream)
 {
     if (type == ElementType::kFLOAT16)

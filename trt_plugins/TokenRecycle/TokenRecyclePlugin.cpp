@@ -1,7 +1,7 @@
 // TokenRecycle as a TensorRT IPluginV3. Inputs: visual [B, V, D], scores [B, V],
-// visual_valid bool [B, V], keep_count int64 [B]. Outputs: merged [B, C, D], merged_valid
-// bool [B, C], C = pool(V) // cluster_divisor + 1 with pool(V) = (candidate_percent * V) //
-// 100 + 1. Contract: README.md next to this file, export/OPS.md.
+// visual_valid int32 [B, V], keep_count int64 [B]. Outputs: merged [B, C, D], merged_valid
+// int32 [B, C], C = pool(V) // cluster_divisor + 1 with pool(V) = (candidate_percent * V) //
+// 100 + 1 (also for V = 0: C = 1). Contract: README.md next to this file, export/OPS.md.
 #include "../common/plugin_common.h"
 #include "token_recycle_kernel.h"
 
@@ -49,7 +49,7 @@ public:
             return -1;
         }
         outputTypes[0] = inputTypes[0];
-        outputTypes[1] = DataType::kBOOL;
+        outputTypes[1] = DataType::kINT32;
         return 0;
     }
 
@@ -68,7 +68,7 @@ public:
             recycle::Shape const shape{1, numVisual->getConstantValue(), 1, mCandidatePercent, mClusterDivisor};
             clusters = exprBuilder.constant(shape.clusterBound());
         }
-        else // the same formula for V >= 1, as an expression
+        else // the same formula, as an expression
         {
             auto const op = [&](DimensionOperation o, IDimensionExpr const* a, int64_t b)
             { return exprBuilder.operation(o, *a, *exprBuilder.constant(b)); };
@@ -87,8 +87,8 @@ public:
         return 0;
     }
 
-    // Positions: 0 visual, 1 scores (T); 2 visual_valid (bool); 3 keep_count (int64);
-    // 4 merged (T); 5 merged_valid (bool).
+    // Positions: 0 visual, 1 scores (T); 2 visual_valid (int32); 3 keep_count (int64);
+    // 4 merged (T); 5 merged_valid (int32).
     bool supportsFormatCombination(
         int32_t pos, DynamicPluginTensorDesc const* inOut, int32_t nbInputs, int32_t nbOutputs) noexcept override
     {
@@ -103,7 +103,7 @@ public:
         case 1:
         case 4: return type == inOut[0].desc.type;
         case 2:
-        case 5: return type == DataType::kBOOL;
+        case 5: return type == DataType::kINT32; // masks: int32 0/1
         default: return type == DataType::kINT64;
         }
     }
@@ -111,20 +111,24 @@ public:
     int32_t configurePlugin(DynamicPluginTensorDesc const* in, int32_t nbInputs, DynamicPluginTensorDesc const*,
         int32_t nbOutputs) noexcept override
     {
-        if (nbInputs != 4 || nbOutputs != 2
-            || !checkRanks(kName, in, 4, {3, 2, 2, 1}, {"visual", "scores", "visual_valid", "keep_count"}))
+        return configuredShapesValid(in, nbInputs, nbOutputs) ? 0 : -1;
+    }
+
+    bool checkShapes(Dims const* in, int32_t nbInputs) const noexcept override
+    {
+        if (nbInputs != 4 || !checkRanks(kName, in, 4, {3, 2, 2, 1}, {"visual", "scores", "visual_valid", "keep_count"}))
         {
-            return -1;
+            return false;
         }
-        Dims const& visual = in[0].desc.dims;
-        if (knownMismatch(in[1].desc.dims.d[0], visual.d[0]) || knownMismatch(in[1].desc.dims.d[1], visual.d[1])
-            || knownMismatch(in[2].desc.dims.d[0], visual.d[0]) || knownMismatch(in[2].desc.dims.d[1], visual.d[1])
-            || knownMismatch(in[3].desc.dims.d[0], visual.d[0]))
+        Dims const& visual = in[0];
+        if (knownMismatch(in[1].d[0], visual.d[0]) || knownMismatch(in[1].d[1], visual.d[1])
+            || knownMismatch(in[2].d[0], visual.d[0]) || knownMismatch(in[2].d[1], visual.d[1])
+            || knownMismatch(in[3].d[0], visual.d[0]))
         {
             logError("TokenRecycle: scores and visual_valid must be [B, V], keep_count [B], for visual [B, V, D]");
-            return -1;
+            return false;
         }
-        return 0;
+        return true;
     }
 
     size_t getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t, DynamicPluginTensorDesc const*,
@@ -141,8 +145,8 @@ public:
         Dims const& visual = inputDesc[0].dims;
         recycle::Shape const shape{visual.d[0], visual.d[1], visual.d[2], mCandidatePercent, mClusterDivisor};
         cudaError_t const status = launchTokenRecycle(elementType(inputDesc[0].type), inputs[0], inputs[1],
-            static_cast<bool const*>(inputs[2]), static_cast<int64_t const*>(inputs[3]), outputs[0],
-            static_cast<bool*>(outputs[1]), shape, workspace, stream);
+            static_cast<int32_t const*>(inputs[2]), static_cast<int64_t const*>(inputs[3]), outputs[0],
+            static_cast<int32_t*>(outputs[1]), shape, workspace, stream);
         if (status != cudaSuccess)
         {
             logError(std::string("TokenRecycle: kernel launch failed: ") + cudaGetErrorString(status));

@@ -3,13 +3,17 @@
 //
 // Per row (P = pool size, c = cluster count, both from the number of deleted tokens):
 //   1. deleted[i]: valid slot i is not among the keep_count best valid slots
-//   2. candidateSlot[r] = i for the deleted slot i of descending-score rank r < P
+//   2. candidateSlot[r] = i for the slot i of rank r < P when the row is sorted by descending
+//      score with the non-deleted slots scored -inf (the reference's order: NaN largest, lower
+//      index on ties); the ranks are a permutation, so every candidate slot is written
+//      (r < P <= number of deleted slots: in practice they are the deleted ones)
 //   3. dist[i][j] = sqrt(max(|x_i|^2 + |x_j|^2 - 2 x_i.x_j, 0)) / sqrt(D)
 //   4. density[i] = exp(-mean of the c smallest dist[i][.]^2, self included)
 //   5. centreScore[i] = density[i] * (min dist to a strictly denser candidate, else the row's
 //      max dist); centres[rank] = i for the c best centre scores (tie rule)
 //   6. assignment[r] = own cluster for a centre, else the nearest centre (lower index on ties)
 //   7. merged[j][d] = sum of member vectors / (size_j + 1e-6); merged_valid[j] = j < c
+// Masks are int32: visual_valid is read as nonzero = valid, merged_valid is written 0 or 1.
 #pragma once
 
 #include "../common/host_device.h"
@@ -35,8 +39,10 @@ SPARSEVLM_HD inline int64_t clusterCount(int64_t pool, int64_t clusterDivisor)
     return pool <= 0 ? 0 : pool / clusterDivisor + 1;
 }
 
-// Static sizes of one call. poolBound/clusterBound are the values for d = V, the largest
-// possible; C (the merged output width) equals clusterBound.
+// Static sizes of one call: poolBound = (candidate_percent * V) // 100 + 1 bounds the pool for
+// every d <= V, clusterBound = poolBound // cluster_divisor + 1 the clusters, and C (the merged
+// output width) equals clusterBound. The formula of OPS.md's shape rule, the one the plugin's
+// getOutputShapes states, for every V: also V = 0 (C = 1, one zero slot with merged_valid 0).
 struct Shape
 {
     int64_t batch;
@@ -47,7 +53,7 @@ struct Shape
 
     SPARSEVLM_HD int64_t poolBound() const
     {
-        return poolSize(numVisual, candidatePercent);
+        return (candidatePercent * numVisual) / 100 + 1;
     }
     SPARSEVLM_HD int64_t clusterBound() const
     {
@@ -105,9 +111,10 @@ SPARSEVLM_HD inline RowScratch rowScratch(void* workspace, Shape const& s, int64
 
 // Stage 1, for visual slot i.
 template <typename T>
-SPARSEVLM_HD inline bool isDeleted(T const* rowScores, bool const* rowValid, int64_t numVisual, int64_t keep, int64_t i)
+SPARSEVLM_HD inline bool isDeleted(
+    T const* rowScores, int32_t const* rowValid, int64_t numVisual, int64_t keep, int64_t i)
 {
-    return rowValid[i] && !isKept(rowScores, rowValid, numVisual, keep, i);
+    return isSet(rowValid[i]) && !isKept(rowScores, rowValid, numVisual, keep, i);
 }
 
 // After stage 1 (one thread): the row's deleted / pool / cluster counts.
@@ -124,13 +131,10 @@ SPARSEVLM_HD inline void writeCounts(RowScratch const& r, Shape const& s)
 template <typename T>
 SPARSEVLM_HD inline void writeCandidate(T const* rowScores, RowScratch const& r, Shape const& s, int64_t i)
 {
-    if (r.deleted[i])
+    int64_t const rank = descendingRank(rowScores, r.deleted, s.numVisual, i);
+    if (rank < r.counts[1])
     {
-        int64_t const rank = descendingRank(rowScores, r.deleted, s.numVisual, i);
-        if (rank < r.counts[1])
-        {
-            r.candidateSlot[rank] = static_cast<int32_t>(i);
-        }
+        r.candidateSlot[rank] = static_cast<int32_t>(i);
     }
 }
 
@@ -273,8 +277,8 @@ SPARSEVLM_HD inline float mergedElement(T const* rowVisual, RowScratch const& r,
 
 // The CPU path: the same stages, run serially. `workspace` holds workspaceSize() bytes.
 template <typename T>
-inline void runOnHost(T const* visual, T const* scores, bool const* visualValid, int64_t const* keepCount, T* merged,
-    bool* mergedValid, Shape const& s, void* workspace)
+inline void runOnHost(T const* visual, T const* scores, int32_t const* visualValid, int64_t const* keepCount,
+    T* merged, int32_t* mergedValid, Shape const& s, void* workspace)
 {
     int64_t const poolBound = s.poolBound();
     int64_t const clusterBound = s.clusterBound();
@@ -319,7 +323,7 @@ inline void runOnHost(T const* visual, T const* scores, bool const* visualValid,
         }
         for (int64_t j = 0; j < clusterBound; ++j)
         {
-            mergedValid[b * clusterBound + j] = j < r.counts[2];
+            mergedValid[b * clusterBound + j] = j < r.counts[2] ? 1 : 0;
             for (int64_t d = 0; d < s.dim; ++d)
             {
                 merged[(b * clusterBound + j) * s.dim + d] = fromFloat<T>(mergedElement(rowVisual, r, s.dim, j, d));

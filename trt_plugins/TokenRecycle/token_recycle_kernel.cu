@@ -13,7 +13,7 @@ namespace
 // Stages 1-2: deleted flags, counts, candidate slots. One block per row.
 template <typename T>
 __global__ void candidateKernel(
-    T const* scores, bool const* visualValid, int64_t const* keepCount, recycle::Shape s, void* workspace)
+    T const* scores, int32_t const* visualValid, int64_t const* keepCount, recycle::Shape s, void* workspace)
 {
     int64_t const b = blockIdx.x;
     T const* rowScores = scores + b * s.numVisual;
@@ -88,7 +88,7 @@ __global__ void clusterKernel(recycle::Shape s, void* workspace)
 
 // Stage 7: block (row b, cluster j) writes merged[b, j, :] and merged_valid[b, j].
 template <typename T>
-__global__ void mergeKernel(T const* visual, T* merged, bool* mergedValid, recycle::Shape s, void* workspace)
+__global__ void mergeKernel(T const* visual, T* merged, int32_t* mergedValid, recycle::Shape s, void* workspace)
 {
     int64_t const b = blockIdx.x;
     int64_t const j = blockIdx.y;
@@ -101,18 +101,20 @@ __global__ void mergeKernel(T const* visual, T* merged, bool* mergedValid, recyc
     }
     if (threadIdx.x == 0)
     {
-        mergedValid[b * clusterBound + j] = j < r.counts[2];
+        mergedValid[b * clusterBound + j] = j < r.counts[2] ? 1 : 0;
     }
 }
 
 template <typename T>
-cudaError_t launch(T const* visual, T const* scores, bool const* visualValid, int64_t const* keepCount, T* merged,
-    bool* mergedValid, recycle::Shape const& s, void* workspace, cudaStream_t stream)
+cudaError_t launch(T const* visual, T const* scores, int32_t const* visualValid, int64_t const* keepCount, T* merged,
+    int32_t* mergedValid, recycle::Shape const& s, void* workspace, cudaStream_t stream)
 {
-    if (s.batch == 0 || s.numVisual == 0)
+    if (s.batch == 0)
     {
-        return cudaSuccess; // C = 0: empty outputs
+        return cudaSuccess; // empty outputs
     }
+    // V = 0 runs as well: no slot is deleted, so the C = 1 merged slot is written as zeros with
+    // merged_valid 0 (the per-slot loops are empty).
     dim3 const rows(static_cast<unsigned>(s.batch));
     candidateKernel<<<rows, kThreads, 0, stream>>>(scores, visualValid, keepCount, s, workspace);
     distanceKernel<<<dim3(static_cast<unsigned>(s.batch), static_cast<unsigned>(s.poolBound())), kThreads, 0,
@@ -125,8 +127,8 @@ cudaError_t launch(T const* visual, T const* scores, bool const* visualValid, in
 
 } // namespace
 
-cudaError_t launchTokenRecycle(ElementType type, void const* visual, void const* scores, bool const* visualValid,
-    int64_t const* keepCount, void* merged, bool* mergedValid, recycle::Shape const& shape, void* workspace,
+cudaError_t launchTokenRecycle(ElementType type, void const* visual, void const* scores, int32_t const* visualValid,
+    int64_t const* keepCount, void* merged, int32_t* mergedValid, recycle::Shape const& shape, void* workspace,
     cudaStream_t stream)
 {
     if (type == ElementType::kFLOAT16)

@@ -8,11 +8,11 @@
 namespace sparsevlm
 {
 
-// visual [B, V, D], scores [B, V] of `type`; visual_valid bool [B, V]; keep_count int64 [B];
-// outputs merged [B, C, D] of `type` and merged_valid bool [B, C], C = shape.clusterBound().
+// visual [B, V, D], scores [B, V] of `type`; visual_valid int32 [B, V]; keep_count int64 [B];
+// outputs merged [B, C, D] of `type` and merged_valid int32 [B, C], C = shape.clusterBound().
 // `workspace` holds recycle::workspaceSize(shape) bytes. Asynchronous on `stream`.
-cudaError_t launchTokenRecycle(ElementType type, void const* visual, void const* scores, bool const* visualValid,
-    int64_t const* keepCount, void* merged, bool* mergedValid, recycle::Shape const& shape, void* workspace,
+cudaError_t launchTokenRecycle(ElementType type, void const* visual, void const* scores, int32_t const* visualValid,
+    int64_t const* keepCount, void* merged, int32_t* mergedValid, recycle::Shape const& shape, void* workspace,
     cudaStream_t stream);
 
 } // namespace sparsevlm

@@ -87,29 +87,48 @@ public:
         return type == inOut[0].desc.type;
     }
 
+    // What can really fail is a runtime N below k (the outputs need k of the N slots): a profile
+    // whose largest N is below k, or a static N below k. A profile with min N < k <= max N is
+    // accepted; onShapeChange then refuses each call whose N is below k.
     int32_t configurePlugin(DynamicPluginTensorDesc const* in, int32_t nbInputs, DynamicPluginTensorDesc const*,
         int32_t nbOutputs) noexcept override
     {
-        if (nbInputs != 2 || nbOutputs != 2 || !checkRanks(kName, in, 2, {3, 2}, {"tokens", "scores"}))
+        if (!configuredShapesValid(in, nbInputs, nbOutputs))
         {
             return -1;
         }
-        Dims const& tokens = in[0].desc.dims;
-        Dims const& scores = in[1].desc.dims;
-        if (knownMismatch(scores.d[0], tokens.d[0]) || knownMismatch(scores.d[1], tokens.d[1]))
+        int64_t const largestN = in[0].max.nbDims == 3 ? in[0].max.d[1] : -1;
+        if (largestN >= 0 && largestN < mK)
         {
-            logError("TopKTokenSelect: scores must be [B, N] for tokens [B, N, D]");
-            return -1;
-        }
-        // k <= N for every shape of the profile: its smallest N decides.
-        int64_t const smallestN = in[0].min.nbDims == 3 ? in[0].min.d[1] : tokens.d[1];
-        if ((smallestN >= 0 && smallestN < mK) || (tokens.d[1] >= 0 && tokens.d[1] < mK))
-        {
-            logError("TopKTokenSelect: k = " + std::to_string(mK) + " exceeds the token count N = "
-                + std::to_string(tokens.d[1] >= 0 && tokens.d[1] < mK ? tokens.d[1] : smallestN));
+            logError("TopKTokenSelect: k = " + std::to_string(mK) + " exceeds the largest token count N = "
+                + std::to_string(largestN) + " of the profile");
             return -1;
         }
         return 0;
+    }
+
+    bool checkShapes(Dims const* in, int32_t nbInputs) const noexcept override
+    {
+        if (nbInputs != 2 || !checkRanks(kName, in, 2, {3, 2}, {"tokens", "scores"}))
+        {
+            return false;
+        }
+        Dims const& tokens = in[0];
+        Dims const& scores = in[1];
+        if (knownMismatch(scores.d[0], tokens.d[0]) || knownMismatch(scores.d[1], tokens.d[1]))
+        {
+            logError("TopKTokenSelect: scores must be [B, N] for tokens [B, N, D], got [" + std::to_string(scores.d[0])
+                + ", " + std::to_string(scores.d[1]) + "] for [" + std::to_string(tokens.d[0]) + ", "
+                + std::to_string(tokens.d[1]) + ", " + std::to_string(tokens.d[2]) + "]");
+            return false;
+        }
+        if (tokens.d[1] >= 0 && tokens.d[1] < mK)
+        {
+            logError("TopKTokenSelect: k = " + std::to_string(mK) + " exceeds the token count N = "
+                + std::to_string(tokens.d[1]));
+            return false;
+        }
+        return true;
     }
 
     size_t getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t, DynamicPluginTensorDesc const*,
@@ -121,6 +140,7 @@ public:
     int32_t enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const*, void const* const* inputs,
         void* const* outputs, void* workspace, cudaStream_t stream) noexcept override
     {
+        // onShapeChange has refused an N below k; the launcher refuses it as well.
         Dims const& tokens = inputDesc[0].dims;
         cudaError_t const status = launchTopKTokenSelect(elementType(inputDesc[0].type), inputs[0], inputs[1],
             outputs[0], static_cast<int64_t*>(outputs[1]), tokens.d[0], tokens.d[1], tokens.d[2], mK, workspace,

@@ -2,8 +2,10 @@
 // Contract: export/OPS.md and README.md next to this file.
 //
 // Three stages, each one thread per element on the device:
-//   1. selected[b, i]  = slot i is among the k best of row b (tie rule: lower index wins)
-//   2. indices[b, pos] = i, pos = number of selected slots before i (so indices ascend)
+//   1. selected[b, i]  = slot i is among the k best of row b (NaN counts as largest; tie rule:
+//      lower index wins). The order is total, so exactly min(k, N) slots are flagged.
+//   2. indices[b, pos] = i, pos = number of selected slots before i (so indices ascend);
+//      a position >= k is never written (cannot happen with the total order: belt and braces)
 //   3. selected tokens[b, j, :] = tokens[b, indices[b, j], :]
 #pragma once
 
@@ -24,15 +26,19 @@ SPARSEVLM_HD inline int64_t workspaceSize(int64_t batch, int64_t numTokens)
 template <typename T>
 SPARSEVLM_HD inline bool isSelected(T const* rowScores, int64_t numTokens, int64_t k, int64_t i)
 {
-    return isKept(rowScores, nullptr, numTokens, k, i);
+    return isKept(rowScores, static_cast<bool const*>(nullptr), numTokens, k, i);
 }
 
 // Stage 2, for slot i of one row: writes its output position when selected.
-SPARSEVLM_HD inline void writeIndex(bool const* rowSelected, int64_t* rowIndices, int64_t i)
+SPARSEVLM_HD inline void writeIndex(bool const* rowSelected, int64_t* rowIndices, int64_t k, int64_t i)
 {
     if (rowSelected[i])
     {
-        rowIndices[countSetBefore(rowSelected, i)] = i;
+        int64_t const position = countSetBefore(rowSelected, i);
+        if (position < k)
+        {
+            rowIndices[position] = i;
+        }
     }
 }
 
@@ -45,6 +51,7 @@ SPARSEVLM_HD inline void gatherElement(
 }
 
 // The CPU path: the same stages, run serially. `workspace` holds workspaceSize() bytes.
+// Needs k <= numTokens (the plugin checks it before every launch).
 template <typename T>
 inline void runOnHost(T const* tokens, T const* scores, T* selectedTokens, int64_t* indices, int64_t batch,
     int64_t numTokens, int64_t dim, int64_t k, void* workspace)
@@ -58,7 +65,7 @@ inline void runOnHost(T const* tokens, T const* scores, T* selectedTokens, int64
         }
         for (int64_t i = 0; i < numTokens; ++i)
         {
-            writeIndex(selected + b * numTokens, indices + b * k, i);
+            writeIndex(selected + b * numTokens, indices + b * k, k, i);
         }
         for (int64_t j = 0; j < k; ++j)
         {

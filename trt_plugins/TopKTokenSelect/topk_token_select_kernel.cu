@@ -26,7 +26,7 @@ __global__ void indexKernel(bool const* selected, int64_t* indices, int64_t batc
     if (element < batch * numTokens)
     {
         int64_t const b = element / numTokens;
-        topk::writeIndex(selected + b * numTokens, indices + b * k, element % numTokens);
+        topk::writeIndex(selected + b * numTokens, indices + b * k, k, element % numTokens);
     }
 }
 
@@ -48,6 +48,10 @@ template <typename T>
 cudaError_t launch(T const* tokens, T const* scores, T* selectedTokens, int64_t* indices, int64_t batch,
     int64_t numTokens, int64_t dim, int64_t k, void* workspace, cudaStream_t stream)
 {
+    if (k < 0 || k > numTokens)
+    {
+        return cudaErrorInvalidValue; // the outputs need k of the N slots
+    }
     if (batch * k == 0)
     {
         return cudaSuccess; // empty outputs: nothing to write

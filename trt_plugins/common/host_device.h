@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <math.h>
 
 #ifdef __CUDACC__
 #include <cuda_fp16.h>
@@ -48,25 +49,51 @@ SPARSEVLM_HD inline __half fromFloat<__half>(float x)
 }
 #endif
 
-// The tie rule of every op (the ONNX TopK rule): slot a ranks before slot b when its score is
-// larger, or the scores are equal and its index is lower.
+// Masks cross the plugin boundary as int32 (TensorRT does not support bool on plugin I/O):
+// read nonzero as true, write exactly 0 or 1. Flags inside a workspace are bool.
+SPARSEVLM_HD inline bool isSet(int32_t flag)
+{
+    return flag != 0;
+}
+SPARSEVLM_HD inline bool isSet(bool flag)
+{
+    return flag;
+}
+
+// The order of every op: torch.topk / torch.sort order, where NaN counts as larger than any
+// number (+inf included), and the tie rule of OPS.md (the ONNX TopK rule): among equal scores
+// (two NaNs are equal here) the lower index wins. A strict total order on (score, index), so
+// the ranks of a row are a permutation and "the k best" are exactly k slots whatever the scores.
 SPARSEVLM_HD inline bool ranksBefore(float scoreA, int64_t indexA, float scoreB, int64_t indexB)
 {
+    bool const nanA = scoreA != scoreA;
+    bool const nanB = scoreB != scoreB;
+    if (nanA || nanB)
+    {
+        return nanA && (!nanB || indexA < indexB);
+    }
     return scoreA > scoreB || (scoreA == scoreB && indexA < indexB);
 }
 
-// Position of slot i when the slots of one row with eligible[j] set are sorted by descending
-// score (tie rule above). Only meaningful for an eligible slot i. O(n): one thread per slot.
-template <typename T>
-SPARSEVLM_HD inline int64_t descendingRank(
-    T const* scores, bool const* eligible, int64_t n, int64_t i)
+// The score slot j sorts by: its score when eligible, else -inf. This is how the reference
+// masks slots out (`scores.masked_fill(~valid, -inf)`, then a stable descending sort), so an
+// eligible slot scored -inf ties with the masked ones and the lower index wins.
+template <typename T, typename Flag>
+SPARSEVLM_HD inline float maskedScore(T const* scores, Flag const* eligible, int64_t j)
 {
-    float const score = toFloat(scores[i]);
+    return eligible == nullptr || isSet(eligible[j]) ? toFloat(scores[j]) : -INFINITY;
+}
+
+// Position of slot i when all n slots of one row are sorted by descending masked score (order
+// above). A permutation of 0..n-1 over the row. O(n): one thread per slot.
+template <typename T, typename Flag>
+SPARSEVLM_HD inline int64_t descendingRank(T const* scores, Flag const* eligible, int64_t n, int64_t i)
+{
+    float const score = maskedScore(scores, eligible, i);
     int64_t rank = 0;
     for (int64_t j = 0; j < n; ++j)
     {
-        bool const isEligible = eligible == nullptr || eligible[j];
-        if (isEligible && ranksBefore(toFloat(scores[j]), j, score, i))
+        if (ranksBefore(maskedScore(scores, eligible, j), j, score, i))
         {
             ++rank;
         }
@@ -74,12 +101,12 @@ SPARSEVLM_HD inline int64_t descendingRank(
     return rank;
 }
 
-// True when slot i is one of the `keep` best eligible slots of its row (eligible == nullptr
-// means every slot is eligible).
-template <typename T>
-SPARSEVLM_HD inline bool isKept(T const* scores, bool const* eligible, int64_t n, int64_t keep, int64_t i)
+// True when slot i is eligible and among the `keep` first of its row in that order
+// (eligible == nullptr means every slot is eligible): the reference's topk_keep_mask.
+template <typename T, typename Flag>
+SPARSEVLM_HD inline bool isKept(T const* scores, Flag const* eligible, int64_t n, int64_t keep, int64_t i)
 {
-    bool const isEligible = eligible == nullptr || eligible[i];
+    bool const isEligible = eligible == nullptr || isSet(eligible[i]);
     return isEligible && descendingRank(scores, eligible, n, i) < keep;
 }
 
@@ -89,12 +116,13 @@ namespace sparsevlm
 {
 
 // Number of set flags among flags[0..i): where the i-th set flag lands in a compacted list.
-SPARSEVLM_HD inline int64_t countSetBefore(bool const* flags, int64_t i)
+template <typename Flag>
+SPARSEVLM_HD inline int64_t countSetBefore(Flag const* flags, int64_t i)
 {
     int64_t count = 0;
     for (int64_t j = 0; j < i; ++j)
     {
-        count += flags[j] ? 1 : 0;
+        count += isSet(flags[j]) ? 1 : 0;
     }
     return count;
 }

@@ -60,7 +60,7 @@ bool readInt(PluginField const& field, int64_t& value)
     return false;
 }
 
-bool readFloat(PluginField const& field, float& value)
+bool readDouble(PluginField const& field, double& value)
 {
     if (field.data != nullptr && field.length == 1)
     {
@@ -71,7 +71,7 @@ bool readFloat(PluginField const& field, float& value)
         }
         if (field.type == PluginFieldType::kFLOAT64)
         {
-            value = static_cast<float>(*static_cast<double const*>(field.data));
+            value = *static_cast<double const*>(field.data);
             return true;
         }
     }
@@ -116,19 +116,52 @@ PluginFieldCollection const* PluginBase::serializedFields(std::vector<PluginFiel
     return &mSerializedCollection;
 }
 
-bool PluginBase::checkRanks(char const* op, DynamicPluginTensorDesc const* desc, int32_t count,
-    std::vector<int32_t> const& ranks, std::vector<char const*> const& names)
+bool PluginBase::checkRanks(char const* op, Dims const* dims, int32_t count, std::vector<int32_t> const& ranks,
+    std::vector<char const*> const& names)
 {
     for (int32_t i = 0; i < count; ++i)
     {
-        if (desc[i].desc.dims.nbDims != ranks[i])
+        if (dims[i].nbDims != ranks[i])
         {
             logError(std::string(op) + ": '" + names[i] + "' must have " + std::to_string(ranks[i])
-                + " dimensions, got " + std::to_string(desc[i].desc.dims.nbDims));
+                + " dimensions, got " + std::to_string(dims[i].nbDims));
             return false;
         }
     }
     return true;
+}
+
+bool PluginBase::configuredShapesValid(DynamicPluginTensorDesc const* in, int32_t nbInputs, int32_t nbOutputs) const noexcept
+{
+    if (in == nullptr || nbInputs < 0 || nbInputs > kMaxInputs || nbOutputs != getNbOutputs())
+    {
+        logError(std::string(getPluginName()) + ": configurePlugin got " + std::to_string(nbInputs) + " inputs and "
+            + std::to_string(nbOutputs) + " outputs");
+        return false;
+    }
+    Dims dims[kMaxInputs];
+    for (int32_t i = 0; i < nbInputs; ++i)
+    {
+        dims[i] = in[i].desc.dims;
+    }
+    return checkShapes(dims, nbInputs);
+}
+
+int32_t PluginBase::onShapeChange(PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const*,
+    int32_t nbOutputs) noexcept
+{
+    if (in == nullptr || nbInputs < 0 || nbInputs > kMaxInputs || nbOutputs != getNbOutputs())
+    {
+        logError(std::string(getPluginName()) + ": onShapeChange got " + std::to_string(nbInputs) + " inputs and "
+            + std::to_string(nbOutputs) + " outputs");
+        return -1;
+    }
+    Dims dims[kMaxInputs];
+    for (int32_t i = 0; i < nbInputs; ++i)
+    {
+        dims[i] = in[i].dims;
+    }
+    return checkShapes(dims, nbInputs) ? 0 : -1;
 }
 
 CreatorBase::CreatorBase(std::vector<PluginField> fieldNames)

@@ -31,10 +31,11 @@ nvinfer1::IPluginCreatorV3One* rankKeepCountCreator() noexcept;
 nvinfer1::IPluginCreatorInterface* const* allCreators(int32_t& count) noexcept;
 
 // Attribute values. The ONNX parser passes INT attributes as kINT32, FLOAT as kFLOAT32 and
-// STRING as kCHAR; the readers also take the wider types. False (and an error logged) when
+// STRING as kCHAR; the readers also take the wider types (a float is read into a double, as
+// Python holds it: kFLOAT64 keeps every bit, kFLOAT32 is widened exactly). False (and an error logged) when
 // the field has a type or length they cannot read.
 bool readInt(nvinfer1::PluginField const& field, int64_t& value);
-bool readFloat(nvinfer1::PluginField const& field, float& value);
+bool readDouble(nvinfer1::PluginField const& field, double& value);
 bool readString(nvinfer1::PluginField const& field, std::string& value);
 
 // Maps TensorRT's element type to the kernels' own enum (only float32 and float16 reach here).
@@ -62,11 +63,10 @@ public:
     {
         return kPluginNamespace;
     }
-    int32_t onShapeChange(nvinfer1::PluginTensorDesc const*, int32_t, nvinfer1::PluginTensorDesc const*,
-        int32_t) noexcept override
-    {
-        return 0; // shapes are read from the descriptors in enqueue: nothing is cached
-    }
+    // Run time: the shapes of this call go through the same checks as configurePlugin's, now
+    // with every dimension known; an inconsistent call is refused before enqueue.
+    int32_t onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs, nvinfer1::PluginTensorDesc const* out,
+        int32_t nbOutputs) noexcept override;
     nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext*) noexcept override
     {
         return clone(); // no per-context resources
@@ -76,10 +76,22 @@ protected:
     // Fills the collection getFieldsToSerialize returns; the fields point into the plugin.
     nvinfer1::PluginFieldCollection const* serializedFields(std::vector<nvinfer1::PluginField> fields) noexcept;
 
-    // True when every descriptor in [0, count) has the expected number of dimensions; logs
-    // the first one that does not.
-    static bool checkRanks(char const* op, nvinfer1::DynamicPluginTensorDesc const* desc, int32_t count,
+    // The plugin's shape rules on its input shapes: ranks, one B, matching widths, and what its
+    // kernels need. Called by configurePlugin with the build-time dims (-1 marks a dynamic
+    // dimension, which passes: knownMismatch) and by onShapeChange with the runtime ones.
+    // Logs the first broken rule and returns false.
+    virtual bool checkShapes(nvinfer1::Dims const* inputs, int32_t nbInputs) const noexcept = 0;
+
+    // configurePlugin's shared part: the counts, then checkShapes on the descriptors' dims.
+    bool configuredShapesValid(
+        nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs, int32_t nbOutputs) const noexcept;
+
+    // True when dims[i] has ranks[i] dimensions for every i in [0, count); logs the first that does not.
+    static bool checkRanks(char const* op, nvinfer1::Dims const* dims, int32_t count,
         std::vector<int32_t> const& ranks, std::vector<char const*> const& names);
+
+    // The most inputs any of the plugins has (TokenPrune's 7).
+    static constexpr int32_t kMaxInputs = 7;
 
 private:
     std::vector<nvinfer1::PluginField> mSerializedFields;

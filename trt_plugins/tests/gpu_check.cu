@@ -104,10 +104,10 @@ std::vector<bool> randomMask(size_t n, double probability)
     return mask;
 }
 
-// std::vector<bool> is packed: masks travel as arrays of bool.
-std::vector<char> asBytes(std::vector<bool> const& mask)
+// std::vector<bool> is packed: masks travel as arrays of int32 0/1 (the plugins' mask type).
+std::vector<int32_t> asBytes(std::vector<bool> const& mask)
 {
-    return std::vector<char>(mask.begin(), mask.end());
+    return std::vector<int32_t>(mask.begin(), mask.end());
 }
 
 template <typename T>
@@ -182,28 +182,28 @@ void checkPrune(char const* typeName)
     std::vector<T> const visual = randomValues<T>(s.batch * s.numVisual * s.dim);
     std::vector<T> const merged = randomValues<T>(s.batch * s.numMerged * s.dim);
     std::vector<T> const scores = randomValues<T>(s.batch * s.numVisual, 11);
-    std::vector<char> const visualValid = asBytes(randomMask(s.batch * s.numVisual, 0.9));
-    std::vector<char> const mergedValid = asBytes(randomMask(s.batch * s.numMerged, 0.6));
+    std::vector<int32_t> const visualValid = asBytes(randomMask(s.batch * s.numVisual, 0.9));
+    std::vector<int32_t> const mergedValid = asBytes(randomMask(s.batch * s.numMerged, 0.6));
     std::vector<int64_t> const keep{0, 100, 300, 576};
     for (int64_t width : {int64_t{100}, int64_t{320}, int64_t{600}})
     {
         prune::Shape shape = s;
         shape.width = width;
         std::vector<T> wantPruned(shape.batch * width * shape.dim);
-        std::vector<char> wantValid(shape.batch * width);
+        std::vector<int32_t> wantValid(shape.batch * width);
         std::vector<int64_t> wantSource(shape.batch * width);
         std::vector<char> hostWorkspace(prune::workspaceSize(shape.batch, shape.numVisual) + 1);
-        prune::runOnHost(visual.data(), scores.data(), reinterpret_cast<bool const*>(visualValid.data()), keep.data(),
-            merged.data(), reinterpret_cast<bool const*>(mergedValid.data()), wantPruned.data(),
-            reinterpret_cast<bool*>(wantValid.data()), wantSource.data(), shape, hostWorkspace.data());
+        prune::runOnHost(visual.data(), scores.data(), visualValid.data(), keep.data(),
+            merged.data(), mergedValid.data(), wantPruned.data(),
+            wantValid.data(), wantSource.data(), shape, hostWorkspace.data());
 
         DeviceBuffer<T> dVisual(visual), dScores(scores), dMerged(merged), dPruned(wantPruned.size());
-        DeviceBuffer<char> dVisualValid(visualValid), dMergedValid(mergedValid), dValid(wantValid.size());
+        DeviceBuffer<int32_t> dVisualValid(visualValid), dMergedValid(mergedValid), dValid(wantValid.size());
         DeviceBuffer<int64_t> dKeep(keep), dSource(wantSource.size());
         Workspace workspace(prune::workspaceSize(shape.batch, shape.numVisual));
         cudaError_t status = launchTokenPrune(typeOf<T>(), dVisual.data, dScores.data,
-            reinterpret_cast<bool const*>(dVisualValid.data), dKeep.data, dMerged.data,
-            reinterpret_cast<bool const*>(dMergedValid.data), dPruned.data, reinterpret_cast<bool*>(dValid.data),
+            dVisualValid.data, dKeep.data, dMerged.data,
+            dMergedValid.data, dPruned.data, dValid.data,
             dSource.data, shape, workspace.data, nullptr);
         status = status == cudaSuccess ? cudaDeviceSynchronize() : status;
         std::string const label = std::string("TokenPrune ") + typeName + " W=" + std::to_string(width);
@@ -220,21 +220,21 @@ void checkRecycle(char const* typeName)
     recycle::Shape const s{4, 576, 64, 30, 10};
     std::vector<T> const visual = randomValues<T>(s.batch * s.numVisual * s.dim);
     std::vector<T> const scores = randomValues<T>(s.batch * s.numVisual);
-    std::vector<char> const valid = asBytes(randomMask(s.batch * s.numVisual, 0.95));
+    std::vector<int32_t> const valid = asBytes(randomMask(s.batch * s.numVisual, 0.95));
     std::vector<int64_t> const keep{0, 192, 500, 576}; // all deleted ... none deleted
     int64_t const clusters = s.clusterBound();
     std::vector<T> wantMerged(s.batch * clusters * s.dim);
-    std::vector<char> wantValid(s.batch * clusters);
+    std::vector<int32_t> wantValid(s.batch * clusters);
     std::vector<char> hostWorkspace(recycle::workspaceSize(s) + 256);
-    recycle::runOnHost(visual.data(), scores.data(), reinterpret_cast<bool const*>(valid.data()), keep.data(),
-        wantMerged.data(), reinterpret_cast<bool*>(wantValid.data()), s, hostWorkspace.data());
+    recycle::runOnHost(visual.data(), scores.data(), valid.data(), keep.data(),
+        wantMerged.data(), wantValid.data(), s, hostWorkspace.data());
 
     DeviceBuffer<T> dVisual(visual), dScores(scores), dMerged(wantMerged.size());
-    DeviceBuffer<char> dValid(valid), dMergedValid(wantValid.size());
+    DeviceBuffer<int32_t> dValid(valid), dMergedValid(wantValid.size());
     DeviceBuffer<int64_t> dKeep(keep);
     Workspace workspace(recycle::workspaceSize(s));
     cudaError_t status = launchTokenRecycle(typeOf<T>(), dVisual.data, dScores.data,
-        reinterpret_cast<bool const*>(dValid.data), dKeep.data, dMerged.data, reinterpret_cast<bool*>(dMergedValid.data),
+        dValid.data, dKeep.data, dMerged.data, dMergedValid.data,
         s, workspace.data, nullptr);
     status = status == cudaSuccess ? cudaDeviceSynchronize() : status;
     std::string const label = std::string("TokenRecycle ") + typeName;
@@ -260,21 +260,21 @@ void checkRank(char const* typeName)
             attention[(2 * s.numRaters + t) * s.numVisual + v] = attention[(2 * s.numRaters) * s.numVisual + v];
         }
     }
-    std::vector<char> const raters = asBytes(randomMask(s.batch * s.numRaters, 0.8));
-    std::vector<char> const visualValid = asBytes(randomMask(s.batch * s.numVisual, 0.9));
+    std::vector<int32_t> const raters = asBytes(randomMask(s.batch * s.numRaters, 0.8));
+    std::vector<int32_t> const visualValid = asBytes(randomMask(s.batch * s.numVisual, 0.9));
     rankkeep::RuleParams const params{rankkeep::Rule::kV10, 13.5F, 0.0F, 0.0F};
     std::vector<int64_t> wantRank(s.batch), wantKeep(s.batch);
     std::vector<char> hostWorkspace(rankkeep::workspaceSize(s) + 8);
-    rankkeep::runOnHost(attention.data(), reinterpret_cast<bool const*>(raters.data()),
-        reinterpret_cast<bool const*>(visualValid.data()), wantRank.data(), wantKeep.data(), s, params,
+    rankkeep::runOnHost(attention.data(), raters.data(),
+        visualValid.data(), wantRank.data(), wantKeep.data(), s, params,
         hostWorkspace.data());
 
     DeviceBuffer<T> dAttention(attention);
-    DeviceBuffer<char> dRaters(raters), dVisualValid(visualValid);
+    DeviceBuffer<int32_t> dRaters(raters), dVisualValid(visualValid);
     DeviceBuffer<int64_t> dRank(s.batch), dKeep(s.batch);
     Workspace workspace(rankkeep::workspaceSize(s));
-    cudaError_t status = launchRankKeepCount(typeOf<T>(), dAttention.data, reinterpret_cast<bool const*>(dRaters.data),
-        reinterpret_cast<bool const*>(dVisualValid.data), dRank.data, dKeep.data, s, params, workspace.data, nullptr);
+    cudaError_t status = launchRankKeepCount(typeOf<T>(), dAttention.data, dRaters.data,
+        dVisualValid.data, dRank.data, dKeep.data, s, params, workspace.data, nullptr);
     status = status == cudaSuccess ? cudaDeviceSynchronize() : status;
     std::string const label = std::string("RankKeepCount ") + typeName;
     check(status == cudaSuccess, label + ": launch (" + cudaGetErrorString(status) + ")");

@@ -3,10 +3,17 @@
 //   creators (name, version, namespace, field names), createPlugin in both phases (and
 //   rejection of bad attributes), capabilities, output types, output shapes through a fake
 //   IExprBuilder, supportsFormatCombination, configurePlugin (accepting good and rejecting
-//   bad shapes), workspace size, getFieldsToSerialize -> RUNTIME createPlugin round trip,
-//   clone and attachToContext.
+//   bad shapes, and a profile only where a runtime shape in it can fail), onShapeChange
+//   (accepting consistent and refusing inconsistent runtime shapes), workspace size,
+//   getFieldsToSerialize -> RUNTIME createPlugin round trip, clone and attachToContext.
 // Usage: sparsevlm_plugin_harness path/to/libsparsevlm_plugins.so
 // Prints one line per failed check and a summary "harness: N checks, F failed"; exit 0 iff F == 0.
+//
+// Shape queries: sparsevlm_plugin_harness path/to/libsparsevlm_plugins.so --output-shapes
+// reads one request per stdin line, `<Op> [name=int ...] : <shape> <shape> ...` with shapes
+// written `2x10x4` (`-` for a rank-0 shape), and prints for each the plugin's getOutputShapes
+// the same way, evaluated with constant and with dynamic input dims (`error` when refused):
+// `<constant shapes> | <dynamic shapes>`.
 #include <NvInfer.h>
 
 #include <dlfcn.h>
@@ -15,9 +22,11 @@
 #include <cstring>
 #include <deque>
 #include <functional>
+#include <iostream>
 #include <map>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "check.h"
@@ -234,6 +243,12 @@ Attribute floatField(char const* name, float v)
     std::memcpy(b.data(), &v, sizeof v);
     return {name, PluginFieldType::kFLOAT32, b, 1};
 }
+Attribute doubleField(char const* name, double v)
+{
+    std::vector<char> b(sizeof v);
+    std::memcpy(b.data(), &v, sizeof v);
+    return {name, PluginFieldType::kFLOAT64, b, 1};
+}
 Attribute stringField(char const* name, std::string const& v)
 {
     return {name, PluginFieldType::kCHAR, std::vector<char>(v.begin(), v.end()), static_cast<int32_t>(v.size())};
@@ -261,10 +276,26 @@ struct OpCase
     std::vector<DataType> inputTypesFloat;              // with T = float32
     std::vector<DataType> outputTypesFloat;
     std::vector<Shape> expectedOutputs;
-    std::vector<std::pair<std::string, std::vector<Shape>>> badInputs; // configurePlugin must reject
+    std::vector<std::pair<std::string, std::vector<Shape>>> badInputs; // configurePlugin and onShapeChange reject
     std::vector<std::pair<int32_t, DataType>> badTypes;                 // (position, type) unsupported
     bool halfSupported = true;                                          // T = float16 accepted
+    // More (inputs, expected outputs) for getOutputShapes, e.g. edge widths.
+    std::vector<std::pair<std::vector<Shape>, std::vector<Shape>>> moreShapes;
 };
+
+// Runtime descriptors (what onShapeChange receives) for concrete shapes.
+std::vector<PluginTensorDesc> runtimeDescs(std::vector<Shape> const& shapes, std::vector<DataType> const& types)
+{
+    std::vector<PluginTensorDesc> desc(shapes.size());
+    for (size_t i = 0; i < shapes.size(); ++i)
+    {
+        desc[i].dims = dimsOf(shapes[i]);
+        desc[i].type = types[i];
+        desc[i].format = TensorFormat::kLINEAR;
+        desc[i].scale = 1.0F;
+    }
+    return desc;
+}
 
 std::vector<DataType> withHalf(std::vector<DataType> types)
 {
@@ -303,17 +334,23 @@ void checkPlugin(IPluginV3* plugin, OpCase const& op, std::string const& label)
     }
 
     // Output shapes, with constant and with dynamic input dims.
-    for (bool symbolic : {false, true})
+    std::vector<std::pair<std::vector<Shape>, std::vector<Shape>>> shapeCases{{op.inputs, op.expectedOutputs}};
+    shapeCases.insert(shapeCases.end(), op.moreShapes.begin(), op.moreShapes.end());
+    for (auto const& [inputs, expected] : shapeCases)
     {
-        int32_t status = -1;
-        std::vector<Shape> got = outputShapes(build, op.inputs, symbolic, status);
-        std::string text;
-        for (Shape const& s : got)
+        for (bool symbolic : {false, true})
         {
-            text += shapeText(s);
+            int32_t status = -1;
+            std::vector<Shape> got = outputShapes(build, inputs, symbolic, status);
+            std::string text;
+            for (Shape const& s : got)
+            {
+                text += shapeText(s);
+            }
+            check(status == 0 && got == expected,
+                label + ": output shapes for " + shapeText(inputs[0]) + (symbolic ? " (dynamic dims)" : "") + " got "
+                    + text);
         }
-        check(status == 0 && got == op.expectedOutputs,
-            label + ": output shapes " + (symbolic ? "(dynamic dims) " : "") + "got " + text);
     }
 
     // Formats: the valid combination for float32 and float16, then each bad type.
@@ -364,7 +401,20 @@ void checkPlugin(IPluginV3* plugin, OpCase const& op, std::string const& label)
     }
     check(build->getWorkspaceSize(in.data(), static_cast<int32_t>(in.size()), out.data(), nbOutputs) < (1U << 30),
         label + ": workspace size is bounded");
-    check(runtime->onShapeChange(nullptr, 0, nullptr, 0) == 0, label + ": onShapeChange");
+
+    // onShapeChange: the runtime shapes of the valid call pass, each inconsistent set is refused.
+    std::vector<PluginTensorDesc> runIn = runtimeDescs(op.inputs, op.inputTypesFloat);
+    std::vector<PluginTensorDesc> runOut = runtimeDescs(op.expectedOutputs, op.outputTypesFloat);
+    check(runtime->onShapeChange(runIn.data(), static_cast<int32_t>(runIn.size()), runOut.data(), nbOutputs) == 0,
+        label + ": onShapeChange accepts valid shapes");
+    for (auto const& [why, shapes] : op.badInputs)
+    {
+        std::vector<PluginTensorDesc> bad = runtimeDescs(shapes, op.inputTypesFloat);
+        check(runtime->onShapeChange(bad.data(), static_cast<int32_t>(bad.size()), runOut.data(), nbOutputs) != 0,
+            label + ": onShapeChange refuses " + why);
+    }
+    check(runtime->onShapeChange(runIn.data(), static_cast<int32_t>(runIn.size()) - 1, runOut.data(), nbOutputs) != 0,
+        label + ": onShapeChange refuses a missing input");
 }
 
 void checkOp(IPluginCreatorV3One* creator, OpCase const& op)
@@ -424,8 +474,9 @@ void checkOp(IPluginCreatorV3One* creator, OpCase const& op)
 std::vector<OpCase> opCases()
 {
     DataType const F = DataType::kFLOAT;
-    DataType const B = DataType::kBOOL;
+    DataType const M = DataType::kINT32; // masks cross the plugin boundary as int32 0/1
     DataType const I = DataType::kINT64;
+    DataType const BOOL = DataType::kBOOL;
     std::vector<OpCase> cases;
 
     OpCase topk;
@@ -438,21 +489,28 @@ std::vector<OpCase> opCases()
     topk.outputTypesFloat = {F, I};
     topk.expectedOutputs = {{2, 3, 4}, {2, 3}};
     topk.badInputs = {{"k > N", {{2, 2, 4}, {2, 2}}}, {"scores of another length", {{2, 10, 4}, {2, 9}}},
-        {"tokens of rank 2", {{2, 10}, {2, 10}}}};
+        {"scores of another batch", {{2, 10, 4}, {3, 10}}}, {"tokens of rank 2", {{2, 10}, {2, 10}}}};
     topk.badTypes = {{1, DataType::kHALF}, {3, DataType::kINT32}, {0, DataType::kINT8}};
+    topk.moreShapes = {{{{1, 3, 2}, {1, 3}}, {{1, 3, 2}, {1, 3}}}};
     cases.push_back(topk);
 
     OpCase prune;
     prune.name = "TokenPrune";
     prune.inputs = {{2, 12, 4}, {2, 12}, {2, 12}, {2}, {2, 3, 4}, {2, 3}, {7}};
-    prune.inputTypesFloat = {F, F, B, I, F, B, I};
-    prune.outputTypesFloat = {F, B, I};
+    prune.inputTypesFloat = {F, F, M, I, F, M, I};
+    prune.outputTypesFloat = {F, M, I};
     prune.expectedOutputs = {{2, 7, 4}, {2, 7}, {2, 7}};
     prune.badInputs = {{"merged with another D", {{2, 12, 4}, {2, 12}, {2, 12}, {2}, {2, 3, 5}, {2, 3}, {7}}},
         {"keep_count of another batch", {{2, 12, 4}, {2, 12}, {2, 12}, {3}, {2, 3, 4}, {2, 3}, {7}}},
+        {"scores of another V", {{2, 12, 4}, {2, 11}, {2, 12}, {2}, {2, 3, 4}, {2, 3}, {7}}},
+        {"visual_valid of another V", {{2, 12, 4}, {2, 12}, {2, 13}, {2}, {2, 3, 4}, {2, 3}, {7}}},
+        {"visual_valid of another batch", {{2, 12, 4}, {2, 12}, {1, 12}, {2}, {2, 3, 4}, {2, 3}, {7}}},
+        {"merged_valid of another C", {{2, 12, 4}, {2, 12}, {2, 12}, {2}, {2, 3, 4}, {2, 4}, {7}}},
+        {"merged of another batch", {{2, 12, 4}, {2, 12}, {2, 12}, {2}, {1, 3, 4}, {2, 3}, {7}}},
         {"out_width of rank 2", {{2, 12, 4}, {2, 12}, {2, 12}, {2}, {2, 3, 4}, {2, 3}, {7, 1}}},
         {"D = 0", {{2, 12, 0}, {2, 12}, {2, 12}, {2}, {2, 3, 0}, {2, 3}, {7}}}};
-    prune.badTypes = {{2, DataType::kINT8}, {3, DataType::kINT32}, {8, DataType::kINT64}, {4, DataType::kHALF}};
+    prune.badTypes = {{2, DataType::kINT8}, {3, DataType::kINT32}, {8, DataType::kINT64}, {4, DataType::kHALF},
+        {2, BOOL}, {5, BOOL}, {8, BOOL}, {6, BOOL}};
     cases.push_back(prune);
 
     OpCase recycle;
@@ -462,42 +520,253 @@ std::vector<OpCase> opCases()
     recycle.badAttributes = {{intField("candidate_percent", 100)}, {intField("cluster_divisor", 1)},
         {intField("candidate_percent", -5)}};
     recycle.inputs = {{2, 576, 8}, {2, 576}, {2, 576}, {2}};
-    recycle.inputTypesFloat = {F, F, B, I};
-    recycle.outputTypesFloat = {F, B};
+    recycle.inputTypesFloat = {F, F, M, I};
+    recycle.outputTypesFloat = {F, M};
     recycle.expectedOutputs = {{2, 18, 8}, {2, 18}}; // C = 18 for V = 576 (OPS.md)
     recycle.badInputs = {{"scores of another length", {{2, 576, 8}, {2, 575}, {2, 576}, {2}}},
+        {"visual_valid of another V", {{2, 576, 8}, {2, 576}, {2, 577}, {2}}},
+        {"visual_valid of another batch", {{2, 576, 8}, {2, 576}, {3, 576}, {2}}},
+        {"keep_count of another batch", {{2, 576, 8}, {2, 576}, {2, 576}, {1}}},
         {"keep_count of rank 2", {{2, 576, 8}, {2, 576}, {2, 576}, {2, 1}}}};
-    recycle.badTypes = {{3, DataType::kINT32}, {2, DataType::kFLOAT}, {5, DataType::kINT8}};
+    recycle.badTypes = {{3, DataType::kINT32}, {2, DataType::kFLOAT}, {5, DataType::kINT8}, {2, BOOL}, {5, BOOL}};
+    // C = pool(V) // 10 + 1 with pool(V) = 30 V // 100 + 1 for every V, V = 0 included (C = 1: the
+    // kernel writes that slot as zeros with merged_valid 0).
+    recycle.moreShapes = {{{{2, 0, 8}, {2, 0}, {2, 0}, {2}}, {{2, 1, 8}, {2, 1}}},
+        {{{3, 1, 8}, {3, 1}, {3, 1}, {3}}, {{3, 1, 8}, {3, 1}}},
+        {{{1, 33, 8}, {1, 33}, {1, 33}, {1}}, {{1, 2, 8}, {1, 2}}}};
     cases.push_back(recycle);
 
     OpCase rank;
     rank.name = "RankKeepCount";
     rank.fieldNames = {"rule", "scale", "bias", "lam"};
-    rank.attributes = {stringField("rule", "v1.0"), floatField("scale", 13.5F), floatField("bias", 0.0F)};
+    rank.attributes = {stringField("rule", "v1.0"), doubleField("scale", 0.7), floatField("bias", 0.1F)};
     rank.badAttributes = {{stringField("rule", "v2"), floatField("scale", 1.0F), floatField("bias", 0.0F)},
         {stringField("rule", "v1.0"), floatField("scale", 1.0F)}, {stringField("rule", "paper")}, {}};
     rank.inputs = {{3, 5, 576}, {3, 5}, {3, 576}};
-    rank.inputTypesFloat = {F, B, B};
+    rank.inputTypesFloat = {F, M, M};
     rank.outputTypesFloat = {I, I};
     rank.expectedOutputs = {{3}, {3}};
     rank.badInputs = {{"visual_valid of another width", {{3, 5, 576}, {3, 5}, {3, 575}}},
-        {"rater_mask of another batch", {{3, 5, 576}, {4, 5}, {3, 576}}}};
-    rank.badTypes = {{1, DataType::kINT8}, {3, DataType::kINT32}, {0, DataType::kINT64}};
+        {"rater_mask of another batch", {{3, 5, 576}, {4, 5}, {3, 576}}},
+        {"rater_mask of another T", {{3, 5, 576}, {3, 6}, {3, 576}}}};
+    rank.badTypes = {{1, DataType::kINT8}, {3, DataType::kINT32}, {0, DataType::kINT64}, {1, BOOL}, {2, BOOL}};
     cases.push_back(rank);
 
     OpCase paper = rank;
-    paper.attributes = {stringField("rule", "paper"), floatField("lam", 0.5F)};
+    paper.attributes = {stringField("rule", "paper"), doubleField("lam", 0.3)};
     cases.push_back(paper);
     return cases;
+}
+
+// A field of getFieldsToSerialize as a double, only when it is one kFLOAT64.
+bool serializedDouble(PluginFieldCollection const* fc, std::string const& name, double& value)
+{
+    for (int32_t i = 0; fc != nullptr && i < fc->nbFields; ++i)
+    {
+        PluginField const& f = fc->fields[i];
+        if (name == f.name)
+        {
+            if (f.type != PluginFieldType::kFLOAT64 || f.length != 1 || f.data == nullptr)
+            {
+                return false;
+            }
+            std::memcpy(&value, f.data, sizeof value);
+            return true;
+        }
+    }
+    return false;
+}
+
+// RankKeepCount holds scale, bias and lam as double (Python floats): a kFLOAT64 attribute is
+// kept bit for bit, a kFLOAT32 one widened exactly, both serialized as kFLOAT64 and restored.
+void checkRankParamsStayDouble(IPluginCreatorV3One* creator)
+{
+    float const bias32 = 0.1F;
+    std::unique_ptr<IPluginV3> plugin(create(creator,
+        {stringField("rule", "v1.0"), doubleField("scale", 0.7), floatField("bias", bias32)}, TensorRTPhase::kBUILD));
+    check(plugin != nullptr, "RankKeepCount: created with a kFLOAT64 scale");
+    if (!plugin)
+    {
+        return;
+    }
+    auto* runtime = static_cast<IPluginV3OneRuntime*>(plugin->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
+    double scale = 0.0;
+    double bias = 0.0;
+    check(serializedDouble(runtime->getFieldsToSerialize(), "scale", scale) && scale == 0.7,
+        "RankKeepCount: scale 0.7 serialized as that double (kFLOAT64)");
+    check(serializedDouble(runtime->getFieldsToSerialize(), "bias", bias) && bias == static_cast<double>(bias32),
+        "RankKeepCount: a kFLOAT32 bias widened exactly and serialized as kFLOAT64");
+    std::unique_ptr<IPluginV3> restored(
+        creator->createPlugin("harness", runtime->getFieldsToSerialize(), TensorRTPhase::kRUNTIME));
+    check(restored != nullptr, "RankKeepCount: restored from its kFLOAT64 fields");
+    if (restored)
+    {
+        auto* restoredRuntime
+            = static_cast<IPluginV3OneRuntime*>(restored->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
+        double restoredScale = 0.0;
+        check(serializedDouble(restoredRuntime->getFieldsToSerialize(), "scale", restoredScale)
+                && restoredScale == 0.7,
+            "RankKeepCount: scale 0.7 survives the RUNTIME round trip");
+    }
+    std::unique_ptr<IPluginV3> paper(
+        create(creator, {stringField("rule", "paper"), doubleField("lam", 0.3)}, TensorRTPhase::kBUILD));
+    double lam = 0.0;
+    check(paper != nullptr
+            && serializedDouble(static_cast<IPluginV3OneRuntime*>(
+                                    paper->getCapabilityInterface(PluginCapabilityType::kRUNTIME))
+                                    ->getFieldsToSerialize(),
+                "lam", lam)
+            && lam == 0.3,
+        "RankKeepCount: lam 0.3 serialized as that double (kFLOAT64)");
+}
+
+// TopKTokenSelect's profiles: only a profile where the runtime N can be below k for every shape
+// (max N < k) or a static N below k fails; min N < k <= max N is accepted, and onShapeChange
+// then refuses the calls whose N is below k.
+void checkTopKProfiles(IPluginCreatorV3One* creator)
+{
+    std::unique_ptr<IPluginV3> plugin(create(creator, {intField("k", 5)}, TensorRTPhase::kBUILD));
+    check(plugin != nullptr, "TopKTokenSelect: created with k = 5");
+    if (!plugin)
+    {
+        return;
+    }
+    auto* build = static_cast<IPluginV3OneBuild*>(plugin->getCapabilityInterface(PluginCapabilityType::kBUILD));
+    auto* runtime = static_cast<IPluginV3OneRuntime*>(plugin->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
+    auto const profile = [](int64_t dimN, int64_t minN, int64_t maxN)
+    {
+        std::vector<DynamicPluginTensorDesc> in = describe({{2, dimN, 4}, {2, dimN}}, {DataType::kFLOAT, DataType::kFLOAT});
+        for (DynamicPluginTensorDesc& d : in)
+        {
+            d.min.d[1] = minN;
+            d.opt.d[1] = maxN;
+            d.max.d[1] = maxN;
+        }
+        return in;
+    };
+    std::vector<DynamicPluginTensorDesc> out = describe({{2, 5, 4}, {2, 5}}, {DataType::kFLOAT, DataType::kINT64});
+    std::vector<std::tuple<char const*, int64_t, int64_t, int64_t, bool>> const cases{
+        {"dynamic N in [2, 10]", -1, 2, 10, true}, {"dynamic N in [5, 5]", -1, 5, 5, true},
+        {"dynamic N in [2, 4]", -1, 2, 4, false}, {"static N = 4", 4, 4, 4, false}, {"static N = 6", 6, 6, 6, true}};
+    for (auto const& [what, dimN, minN, maxN, accepted] : cases)
+    {
+        std::vector<DynamicPluginTensorDesc> in = profile(dimN, minN, maxN);
+        bool const ok = build->configurePlugin(in.data(), 2, out.data(), 2) == 0;
+        check(ok == accepted, std::string("TopKTokenSelect k = 5: configurePlugin ") + (accepted ? "accepts " : "rejects ")
+            + what);
+    }
+    for (int64_t n : {3, 4, 5, 9})
+    {
+        std::vector<PluginTensorDesc> in = runtimeDescs({{2, n, 4}, {2, n}}, {DataType::kFLOAT, DataType::kFLOAT});
+        std::vector<PluginTensorDesc> outDesc = runtimeDescs({{2, 5, 4}, {2, 5}}, {DataType::kFLOAT, DataType::kINT64});
+        bool const ok = runtime->onShapeChange(in.data(), 2, outDesc.data(), 2) == 0;
+        check(ok == (n >= 5), "TopKTokenSelect k = 5: onShapeChange " + std::string(n >= 5 ? "accepts" : "refuses")
+            + " N = " + std::to_string(n));
+    }
+}
+
+// --- Shape queries (--output-shapes) ----------------------------------------------------------
+
+Shape parseShape(std::string const& text)
+{
+    Shape shape;
+    if (text == "-")
+    {
+        return shape;
+    }
+    size_t start = 0;
+    while (start <= text.size())
+    {
+        size_t const end = text.find('x', start);
+        shape.push_back(std::stoll(text.substr(start, end == std::string::npos ? std::string::npos : end - start)));
+        if (end == std::string::npos)
+        {
+            break;
+        }
+        start = end + 1;
+    }
+    return shape;
+}
+
+std::string shapesText(std::vector<Shape> const& shapes)
+{
+    std::string text;
+    for (Shape const& s : shapes)
+    {
+        std::string one;
+        for (size_t i = 0; i < s.size(); ++i)
+        {
+            one += (i ? "x" : "") + std::to_string(s[i]);
+        }
+        text += (text.empty() ? "" : " ") + (one.empty() ? std::string("-") : one);
+    }
+    return text;
+}
+
+// One request line -> one answer line (see the file comment).
+std::string answerShapeQuery(std::map<std::string, IPluginCreatorV3One*> const& creators, std::string const& line)
+{
+    std::vector<std::string> words;
+    for (size_t start = 0; start < line.size();)
+    {
+        size_t const end = line.find(' ', start);
+        std::string const word = line.substr(start, end == std::string::npos ? std::string::npos : end - start);
+        if (!word.empty())
+        {
+            words.push_back(word);
+        }
+        start = end == std::string::npos ? line.size() : end + 1;
+    }
+    auto const found = words.empty() ? creators.end() : creators.find(words[0]);
+    if (found == creators.end())
+    {
+        return "error: unknown op";
+    }
+    std::vector<Attribute> attributes;
+    std::vector<Shape> inputs;
+    bool afterColon = false;
+    for (size_t i = 1; i < words.size(); ++i)
+    {
+        if (words[i] == ":")
+        {
+            afterColon = true;
+        }
+        else if (afterColon)
+        {
+            inputs.push_back(parseShape(words[i]));
+        }
+        else
+        {
+            size_t const equals = words[i].find('=');
+            static std::deque<std::string> names; // PluginField keeps the name pointer
+            names.push_back(words[i].substr(0, equals));
+            attributes.push_back(intField(names.back().c_str(), static_cast<int32_t>(std::stol(words[i].substr(equals + 1)))));
+        }
+    }
+    std::unique_ptr<IPluginV3> plugin(create(found->second, attributes, TensorRTPhase::kBUILD));
+    if (!plugin)
+    {
+        return "error: createPlugin refused the attributes";
+    }
+    auto* build = static_cast<IPluginV3OneBuild*>(plugin->getCapabilityInterface(PluginCapabilityType::kBUILD));
+    std::string answer;
+    for (bool symbolic : {false, true})
+    {
+        int32_t status = -1;
+        std::vector<Shape> const got = outputShapes(build, inputs, symbolic, status);
+        answer += (symbolic ? " | " : "") + (status == 0 ? shapesText(got) : std::string("error"));
+    }
+    return answer;
 }
 
 } // namespace
 
 int main(int argc, char** argv)
 {
-    if (argc != 2)
+    bool const shapeQueries = argc == 3 && std::string(argv[2]) == "--output-shapes";
+    if (argc != 2 && !shapeQueries)
     {
-        std::fprintf(stderr, "usage: %s path/to/libsparsevlm_plugins.so\n", argv[0]);
+        std::fprintf(stderr, "usage: %s path/to/libsparsevlm_plugins.so [--output-shapes < requests]\n", argv[0]);
         return 2;
     }
     void* library = dlopen(argv[1], RTLD_NOW | RTLD_LOCAL);
@@ -530,6 +799,15 @@ int main(int argc, char** argv)
         auto* creator = static_cast<IPluginCreatorV3One*>(creators[i]);
         byName[creator->getPluginName()] = creator;
     }
+    if (shapeQueries)
+    {
+        std::string line;
+        while (std::getline(std::cin, line))
+        {
+            std::printf("%s\n", answerShapeQuery(byName, line).c_str());
+        }
+        return 0;
+    }
     for (OpCase const& op : opCases())
     {
         auto const found = byName.find(op.name);
@@ -538,6 +816,14 @@ int main(int argc, char** argv)
         {
             checkOp(found->second, op);
         }
+    }
+    if (byName.count("TopKTokenSelect") != 0)
+    {
+        checkTopKProfiles(byName["TopKTokenSelect"]);
+    }
+    if (byName.count("RankKeepCount") != 0)
+    {
+        checkRankParamsStayDouble(byName["RankKeepCount"]);
     }
     return sparsevlm_tests::report("harness");
 }
