@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from sparsevlm.cli import add_verbose_flag, check_method_options, command
 from sparsevlm.methods import SparseVLMConfig
-from sparsevlm.methods.loading import ModelNotFoundError
 
 from .data import synthetic_samples
 from .runner import calibrate
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--overwrite", action="store_true", help="discard samples recorded by an earlier run in --out")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_verbose_flag(parser)
     return parser
 
 
@@ -55,22 +56,23 @@ def config_from_args(args) -> SparseVLMConfig:
                            scale=args.scale, bias=args.bias, lam=args.lam)
 
 
+# Failures become one line and exit status 2 (sparsevlm.cli); data, config and input errors
+# are ValueErrors whose message names the input at fault.
+@command("sparsevlm-calibrate", user_errors=(CalibrationStateError,))
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    check_method_options(args.method, args.variant, {"--variant": args.variant, "--budget": args.budget,
+                                                     "--scale": args.scale, "--bias": args.bias, "--lam": args.lam})
     try:
         data = synthetic_samples(args.synthetic) if args.synthetic is not None else args.data
         result = calibrate(args.model, config_from_args(args), data, args.out, max_profiles=args.max_profiles,
                            coverage=args.coverage, batch_size=args.batch_size, raw_prompts=args.raw_prompts,
                            dtype=args.dtype, device=args.device, overwrite=args.overwrite,
                            progress=not args.no_progress)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: finished batches are saved in {args.out}/samples.jsonl; "
-              "run the same command again to resume", file=sys.stderr)
-        return 130
-    # data, config and input errors are ValueErrors; each message names the input at fault
-    except (ValueError, CalibrationStateError, ModelNotFoundError) as error:
-        print(f"sparsevlm-calibrate: error: {error}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt as interrupt:
+        interrupt.add_note(f"finished batches are saved in {args.out}/samples.jsonl; "
+                           "run the same command again to resume")
+        raise
     print(f"wrote {result.calibration_path} and {result.report_path} "
           f"({result.computed} samples run, {result.resumed} resumed)")
     return 0

@@ -25,12 +25,12 @@ from tqdm.auto import tqdm
 
 from sparsevlm.methods import SparseLlava, SparseVLMConfig
 from sparsevlm.methods.generation import InputError, make_region_batch, prefill
+from sparsevlm.methods.loading import config_sha256
 
 from .buckets import choose_buckets
 from .data import CalibrationDataError, CalibrationSample, load_jsonl
-from .store import SampleStore, run_key
+from .store import CALIBRATION_SCHEMA, SampleStore, run_key
 
-CALIBRATION_SCHEMA = "sparsevlm-calibration/1"
 CALIBRATION_FILE = "calibration.json"
 REPORT_FILE = "report.png"
 
@@ -167,7 +167,9 @@ def segment_profiles(records: list[dict], max_profiles: int, coverage: float) ->
     out = []
     for index in range(1, len(records[0]["segments"])):
         widths = [r["segments"][index]["visual_width"] for r in records]
-        plan = choose_buckets(widths, max_profiles, coverage)
+        # More profiles than distinct widths cannot lower the padding (each width already gets
+        # its own), so the search never sizes its tables beyond them.
+        plan = choose_buckets(widths, min(max_profiles, len(set(widths))), coverage)
         out.append({"index": index, "after_layer": records[0]["segments"][index]["after_layer"],
                     "dim": "visual_width", "buckets": [b.as_list() for b in plan.buckets],
                     "coverage": round(plan.coverage, 6), "expected_padding": round(plan.expected_padding, 6)})
@@ -176,7 +178,7 @@ def segment_profiles(records: list[dict], max_profiles: int, coverage: float) ->
 
 def build_calibration(records: list[dict], vlm: SparseLlava, max_profiles: int, coverage: float) -> dict:
     return {"schema": CALIBRATION_SCHEMA, "model": str(vlm.model.name_or_path),
-            "method": vlm.plan.config.to_dict(), "num_samples": len(records),
+            "config_sha256": config_sha256(vlm.model), "method": vlm.plan.config.to_dict(), "num_samples": len(records),
             "coverage_target": coverage, "max_profiles": max_profiles,
             "segments": segment_profiles(records, max_profiles, coverage),
             "layers": layer_summaries(records)}
@@ -206,6 +208,17 @@ def check_options(max_profiles: int, coverage: float, batch_size: int) -> None:
         raise ValueError(f"coverage: expected a fraction in (0, 1], got {coverage!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+
+
+def check_output_location(out_dir: Path) -> None:
+    """`out_dir` can receive the run's files: checked before the model loads, not after the run."""
+    from sparsevlm.cli import OutputLocationError, probe_writable_directory
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputLocationError(f"out: {out_dir} exists and is not a directory")
+    probe_writable_directory(out_dir, "out")
+    for name in (CALIBRATION_FILE, REPORT_FILE):
+        if (out_dir / name).is_dir():
+            raise OutputLocationError(f"out: {out_dir / name} is a directory; expected room for a file")
 
 
 def collect_records(vlm: SparseLlava, samples: list[CalibrationSample], store: SampleStore,
@@ -245,13 +258,17 @@ def calibrate(model, config: SparseVLMConfig | None, data, out_dir, max_profiles
     from .report import print_summary, write_report
 
     check_options(max_profiles, coverage, batch_size)
+    out_dir = Path(out_dir).expanduser()
+    check_output_location(out_dir)
     samples = load_jsonl(data, raw_prompts) if isinstance(data, (str, Path)) else list(data)
     if not samples:
         raise CalibrationDataError("data: the calibration set is empty")
     vlm = load_model(model, config, dtype, device)
     if not vlm.plan.prune_layers and vlm.plan.method != "fastervlm":
         raise ValueError(f"method {vlm.plan.method!r} prunes nothing: there is nothing to calibrate")
-    out_dir = Path(out_dir)
+    if max_profiles > vlm.plan.num_visual:
+        raise ValueError(f"max_profiles: {max_profiles} is more than the model's {vlm.plan.num_visual} visual "
+                         f"tokens (at most one profile per visual width); expected 1..{vlm.plan.num_visual}")
     identity = run_identity(vlm, raw_prompts)
     store = SampleStore(out_dir, run_key(identity), identity)
     reusable = store.open(overwrite)

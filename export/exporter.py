@@ -29,7 +29,6 @@ Export decisions, in one place:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import shutil
@@ -41,11 +40,12 @@ import onnx
 import torch
 
 from sparsevlm import __version__
+from sparsevlm.cli import OptionError, add_verbose_flag, check_method_options, command
 from sparsevlm.methods import modeling
-from sparsevlm.methods.files import atomic_directory
-from sparsevlm.methods.config import ConfigError, SparseVLMConfig, resolve
+from sparsevlm.methods.files import atomic_directory, check_output_directory, is_toolkit_output
+from sparsevlm.methods.config import SparseVLMConfig, resolve
 from sparsevlm.methods.generation import TorchExecutor, decode_tokens, make_region_batch, prefill, SamplingParams
-from sparsevlm.methods.loading import DTYPES, ModelNotFoundError, load_model
+from sparsevlm.methods.loading import DTYPES, config_sha256, load_model, resolve_pad_token_id
 from sparsevlm.methods.segments import DecodeStep, PrefillSegment, VisionEncoder, plan_segments
 
 from . import manifest as manifest_lib
@@ -267,10 +267,6 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
-def config_sha256(model) -> str:
-    return hashlib.sha256(model.config.to_json_string(use_diff=False).encode()).hexdigest()
-
-
 def export_artifact(model, location: str, config: SparseVLMConfig, out: Path, *, dtype: str = "float32",
                     opset: int = FUNCTION_OPSET, buckets: list | None = None, processor_dir: str | None = None,
                     overwrite: bool = False, progress: bool = True) -> dict:
@@ -280,11 +276,9 @@ def export_artifact(model, location: str, config: SparseVLMConfig, out: Path, *,
     register_schemas()
     plan = resolve(config, model.config.text_config.num_hidden_layers, modeling.num_visual_tokens(model))
     specs = plan_segments(plan)
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"out: {out} already exists; pass --overwrite to replace it")
+    out = check_output_directory(out, overwrite, is_artifact)
     started = time.perf_counter()
-    with atomic_directory(out, "partial-") as tmp:
+    with atomic_directory(out, "partial-", overwrite=overwrite, replaceable=is_artifact) as tmp:
         recorded = _example_run(model, plan)
         segment_of_layer = {layer: spec.index for spec in specs for layer in spec.layers}
         graphs = [("vision", VisionEncoder(model, plan, ONNX_OPS), None)]
@@ -322,7 +316,7 @@ def export_artifact(model, location: str, config: SparseVLMConfig, out: Path, *,
                       "hidden_size": text.hidden_size, "intermediate_size": text.intermediate_size,
                       "vocab_size": text.vocab_size, "image_token_id": model.config.image_token_id,
                       "image_size": model.config.vision_config.image_size, "num_visual": plan.num_visual,
-                      "pad_token_id": model.config.pad_token_id or 0,
+                      "pad_token_id": resolve_pad_token_id(model.config, processor_dir),
                       "processor": "processor" if processor_dir else None},
             "method": config.to_dict(), "trace_method": plan.trace_method(), "prune_layers": list(plan.prune_layers),
             "dtype": dtype, "opset": opset, "ir_version": IR_VERSION,
@@ -347,12 +341,29 @@ def _copy_processor(source: Path, target: Path) -> None:
             shutil.copy2(file, target / file.name)
 
 
-def load_calibration(path: str | Path) -> tuple[dict, list]:
-    data = json.loads(Path(path).read_text())
-    if data.get("schema") != "sparsevlm-calibration/1":
-        raise ValueError(f"calibration: {path} has schema {data.get('schema')!r}; expected 'sparsevlm-calibration/1'")
-    segments = sorted(data["segments"], key=lambda s: s["index"])
-    return data, [[list(b) for b in s["buckets"]] for s in segments]
+def is_artifact(path: Path) -> bool:
+    """An artifact this toolkit wrote (the only non-empty directory --overwrite replaces)."""
+    return (Path(path) / manifest_lib.MANIFEST).is_file() and is_toolkit_output(path)
+
+
+def check_opset(opset: int) -> None:
+    """The graphs need FUNCTION_OPSET; the TorchScript exporter (dynamo=False) stops at its maximum."""
+    try:
+        from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as highest
+    except ImportError:
+        highest = 20
+    if not isinstance(opset, int) or not FUNCTION_OPSET <= opset <= highest:
+        raise OptionError(f"--opset: expected {FUNCTION_OPSET}..{highest} (below {FUNCTION_OPSET} SDPA and the op "
+                          f"bodies do not exist; above {highest} torch's exporter cannot write), got {opset}")
+
+
+def load_calibration(path: str | Path, plan, torch_model) -> list:
+    """The buckets of a calibration.json checked against this export's model and method
+    (sparsevlm.calibration.store.check_calibration)."""
+    from sparsevlm.calibration.store import check_calibration, read_calibration
+    vision_width = plan.fastervlm_keep if plan.method == "fastervlm" else plan.num_visual
+    return check_calibration(read_calibration(path), path, plan.config.to_dict(), config_sha256(torch_model),
+                             len(plan.prune_layers), vision_width, profile_lib.static_widths(plan))
 
 
 def export(model: str, out: str | Path, method: str = "sparsevlm", variant: str | None = None,
@@ -363,19 +374,27 @@ def export(model: str, out: str | Path, method: str = "sparsevlm", variant: str 
     budget, `out/b<budget>` for several). Returns the manifests."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
-    if opset < FUNCTION_OPSET:
-        raise ValueError(f"opset: expected >= {FUNCTION_OPSET} (SDPA and the op bodies need it), got {opset}")
+    check_opset(opset)
     budgets = list(budgets) if budgets else [None]
+    duplicates = sorted({b for b in budgets if budgets.count(b) > 1 and b is not None})
+    if duplicates:
+        raise OptionError(f"--budget: {', '.join(map(str, duplicates))} given more than once; expected distinct budgets")
     configs = [SparseVLMConfig(method=method, variant=variant, budget=b, **method_options) for b in budgets]
+    targets = [Path(out) if len(configs) == 1 else Path(out) / f"b{config.budget}" for config in configs]
+    for target in targets:  # every output location, before the model loads
+        check_output_directory(target, overwrite, is_artifact)
+    if calibration:
+        from sparsevlm.calibration.store import read_calibration
+        read_calibration(calibration)  # its shape now; its model and method once the model is loaded
+        if len(configs) > 1:
+            raise OptionError("--calibration: a calibration holds for one method setting; export one --budget with it")
     torch_model, location = load_model(model, dtype=dtype, random_weights=random_weights)
-    for config in configs:  # validate every budget before writing anything
-        resolve(config, torch_model.config.text_config.num_hidden_layers, modeling.num_visual_tokens(torch_model))
-    buckets = load_calibration(calibration)[1] if calibration else None
+    plans = [resolve(config, torch_model.config.text_config.num_hidden_layers, modeling.num_visual_tokens(torch_model))
+             for config in configs]  # every budget is valid before anything is written
+    buckets = load_calibration(calibration, plans[0], torch_model) if calibration else None
     processor_dir = location if Path(location).is_dir() else None
-    out = Path(out)
     manifests = []
-    for config in configs:
-        target = out if len(configs) == 1 else out / f"b{config.budget}"
+    for config, target in zip(configs, targets):
         manifests.append(export_artifact(torch_model, location, config, target, dtype=dtype, opset=opset,
                                          buckets=buckets, processor_dir=processor_dir, overwrite=overwrite,
                                          progress=progress))
@@ -416,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bias", type=float, help="v1.0 rank rule bias")
     p.add_argument("--lam", type=float, help="paper rank rule: deleted = int(lam*(v - rank))")
     p.add_argument("--reduction", type=float, help="FasterVLM: share of visual tokens removed (0.75/0.90/0.95)")
-    p.add_argument("--fastv-k", dest="K", type=int, default=2, help="FastV: prune after layer K-1 (default 2)")
+    p.add_argument("--fastv-k", dest="K", type=int, default=None, help="FastV: prune after layer K-1 (default 2)")
     p.add_argument("--fastv-r", dest="R", type=float, help="FastV: share R of visual tokens removed")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights and activations dtype")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
@@ -426,12 +445,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", help="calibration.json from sparsevlm-calibrate: profile buckets per segment")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--verbose", action="store_true", help="log each graph's export time and the peak memory so far")
+    add_verbose_flag(p)  # also logs each graph's export time and the peak memory so far
     return p
 
 
+@command("sparsevlm-export")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_method_options(args.method, args.variant, {
+        "--variant": args.variant, "--budget": args.budget, "--scale": args.scale, "--bias": args.bias,
+        "--lam": args.lam, "--reduction": args.reduction, "--fastv-k": args.K, "--fastv-r": args.R})
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     if args.quiet:  # also transformers' "Loading weights" bar, so stderr holds only errors
         from transformers.utils import logging as hf_logging
@@ -439,14 +462,10 @@ def main(argv: list[str] | None = None) -> int:
     options = {k: v for k, v in {"scale": args.scale, "bias": args.bias, "lam": args.lam,
                                   "reduction": args.reduction, "R": args.R}.items() if v is not None}
     if args.method == "fastv":
-        options["K"] = args.K
+        options["K"] = 2 if args.K is None else args.K
     budgets = args.budget or ([192] if args.method == "sparsevlm" else None)
-    try:
-        manifests = export(args.model, args.out, args.method, args.variant, budgets, args.dtype, args.opset,
-                           args.random_weights, args.calibration, args.overwrite, not args.quiet, **options)
-    except (ConfigError, ModelNotFoundError, FileExistsError, ValueError) as error:
-        print(f"sparsevlm-export: error: {error}", file=sys.stderr)
-        return 2
+    manifests = export(args.model, args.out, args.method, args.variant, budgets, args.dtype, args.opset,
+                       args.random_weights, args.calibration, args.overwrite, not args.quiet, **options)
     _summary(manifests)
     return 0
 

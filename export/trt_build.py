@@ -34,6 +34,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from sparsevlm.cli import add_verbose_flag, command
 from sparsevlm.export.manifest import MANIFEST, read_manifest
 
 ENGINE_DIR = "engines"
@@ -306,9 +307,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="with --version-compatible: leave the lean runtime out of the plan")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the profile table of each engine and stop (no TensorRT needed)")
+    add_verbose_flag(parser)
     return parser
 
 
+@command("sparsevlm-build")  # failures: one line, exit 2 (sparsevlm.cli)
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:

@@ -1,12 +1,18 @@
 """Resolving `--model` (local directory, hub id, alias, or the demo) and loading it.
 
 Weights load from safetensors only and `trust_remote_code` stays off. Offline without a
-local copy, the error names the repository and how to download it.
+local copy, the error names the repository and how to download it. A checkpoint is taken
+only whole: a bad config.json, an unreadable safetensors file, a tensor of the wrong shape,
+or tensors missing from (or extra to) the architecture are refused with their names, never
+replaced by random initialisation (tied weights, e.g. `tie_word_embeddings`, are not missing).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import hashlib
+import json
 
 import torch
 
@@ -41,6 +47,62 @@ class ModelNotFoundError(FileNotFoundError):
     """The model could not be found locally or downloaded."""
 
 
+class CheckpointError(ValueError):
+    """The checkpoint exists but is not a usable LLaVA checkpoint (the message says why)."""
+
+
+# Pad positions are always masked (left-padded prefix, right-padded text, finished rows), so
+# the pad id only has to be a valid embedding row; 0 is one when no config or tokenizer names one.
+FALLBACK_PAD_TOKEN_ID = 0
+
+
+def resolve_pad_token_id(config, tokenizer=None) -> int:
+    """The pad token id, wherever the checkpoint keeps it: the top-level config (transformers
+    4), the text config (transformers 5), the tokenizer (`tokenizer` may be a tokenizer, a
+    processor or a checkpoint location, consulted only when the configs have none), else
+    FALLBACK_PAD_TOKEN_ID. The one place every stage takes the pad id from."""
+    for source in (config, getattr(config, "text_config", None)):
+        pad = getattr(source, "pad_token_id", None)
+        if isinstance(pad, int) and pad >= 0:
+            return pad
+    if isinstance(tokenizer, (str, Path)):
+        try:
+            from transformers import AutoTokenizer
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), trust_remote_code=False)
+        except (OSError, ValueError):
+            tokenizer = None
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor holds its tokenizer
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return pad if isinstance(pad, int) and pad >= 0 else FALLBACK_PAD_TOKEN_ID
+
+
+def config_sha256(model) -> str:
+    """Identity of a model's architecture and token ids (its full config, dtype aside: a
+    calibration recorded in float32 holds for a float16 export of the same checkpoint)."""
+    config = model.config.to_dict()
+    for entry in (config, config.get("text_config") or {}, config.get("vision_config") or {}):
+        for key in ("dtype", "torch_dtype", "_name_or_path", "transformers_version"):
+            entry.pop(key, None)
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def check_device(device: str) -> str:
+    """`device` names a torch device that exists here (fail before loading anything)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise CheckpointError(f"device: {device!r} is not a torch device (expected cpu, cuda, cuda:N)") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CheckpointError(f"device: {device!r} needs a CUDA GPU, and torch sees none here "
+                                  f"(torch {torch.__version__}); use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise CheckpointError(f"device: {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif parsed.type != "cpu":
+        raise CheckpointError(f"device: {device!r} is not supported (expected cpu or cuda)")
+    return device
+
+
 def resolve_model(name: str) -> tuple[str, bool]:
     """(local path or hub id, is_local). The demo alias builds the demo checkpoint once."""
     if name in DEMO_ALIASES:
@@ -73,12 +135,58 @@ def load_config(name: str, random_weights: bool = False):
     location, local = resolve_model(name)
     if random_weights and not local and location in KNOWN_CONFIGS:
         return LlavaConfig(**KNOWN_CONFIGS[location]), location
+    if local:
+        _check_config_json(Path(location) / "config.json")
     try:
         return AutoConfig.from_pretrained(location, trust_remote_code=False), location
-    except OSError as error:
+    except (OSError, ValueError, KeyError, TypeError) as error:
         if local:
-            raise
+            raise CheckpointError(f"model: {location}/config.json is not a valid configuration "
+                                  f"({type(error).__name__}: {error})") from error
         raise ModelNotFoundError(download_hint(location)) from error
+
+
+def _check_config_json(path: Path) -> None:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise CheckpointError(f"model: {path} is not UTF-8 text (expected a JSON configuration)") from None
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"model: {path} is not valid JSON ({error.msg} at line {error.lineno} "
+                              f"column {error.colno})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise CheckpointError(f"model: {path} has no 'model_type'; expected a Hugging Face LLaVA configuration")
+
+
+def _check_weight_files(location: Path) -> None:
+    """Every safetensors file has a readable header that covers the file (fails fast on a
+    truncated or foreign file, naming it)."""
+    from safetensors import safe_open
+    files = sorted(location.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"model: {location} has no *.safetensors weights (only safetensors are loaded)")
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                handle.keys()
+        except Exception as error:  # noqa: BLE001 - safetensors raises its own SafetensorError
+            raise CheckpointError(f"model: {file} is not a readable safetensors file, truncated or corrupted "
+                                  f"({error})") from None
+
+
+def _check_loading_info(location: str, info: dict) -> None:
+    problems = []
+    for key, label in (("missing_keys", "missing"), ("unexpected_keys", "unexpected (not in the architecture)"),
+                       ("mismatched_keys", "of the wrong shape")):
+        names = sorted(str(k if isinstance(k, str) else k[0]) for k in info.get(key) or ())
+        if names:
+            shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+            problems.append(f"{len(names)} tensor(s) {label}: {shown}")
+    if info.get("error_msgs"):
+        problems.append("; ".join(str(m) for m in info["error_msgs"]))
+    if problems:
+        raise CheckpointError(f"model: {location} does not match its config.json: {'; '.join(problems)} "
+                              "(refusing to fill them with random weights)")
 
 
 def load_model(name: str, dtype: str = "float32", device: str = "cpu", random_weights: bool = False):
@@ -88,6 +196,7 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", random_we
     from transformers import LlavaForConditionalGeneration
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+    check_device(device)
     config, location = load_config(name, random_weights)
     if config.model_type != "llava":
         from .modeling import UnsupportedModelError
@@ -98,13 +207,24 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", random_we
         with torch.device(device):
             model = LlavaForConditionalGeneration._from_config(config, dtype=DTYPES[dtype])
     else:
+        local = Path(location).is_dir()
+        if local:
+            _check_weight_files(Path(location))
         try:
-            model = LlavaForConditionalGeneration.from_pretrained(
-                location, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=False).to(device)
+            model, info = LlavaForConditionalGeneration.from_pretrained(
+                location, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=False,
+                ignore_mismatched_sizes=True, output_loading_info=True)  # mismatches are refused below, by name
         except OSError as error:
-            if Path(location).exists():
+            if local:
                 raise ModelNotFoundError(f"model: {location}: {error}") from error
             raise ModelNotFoundError(download_hint(location)) from error
+        except Exception as error:  # noqa: BLE001 - safetensors/transformers raise many types for a bad file
+            if not local:
+                raise
+            raise CheckpointError(f"model: {location}: cannot load the weights ({type(error).__name__}: "
+                                  f"{' '.join(str(error).split())})") from error
+        _check_loading_info(location, info)
+        model = model.to(device)
     model.eval()
     check_architecture(model)
     return model, location

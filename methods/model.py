@@ -14,7 +14,7 @@ import torch
 from . import generation, modeling
 from .config import SparseVLMConfig, resolve
 from .generation import GenerationOutput, SamplingParams, TorchExecutor
-from .loading import load_model, load_processor
+from .loading import load_model, load_processor, resolve_pad_token_id
 
 
 def prepare_inputs(processor, images, prompts: list[str], chat_template: bool = True) -> dict:
@@ -54,8 +54,7 @@ class SparseLlava:
 
     @property
     def pad_id(self) -> int:
-        pad = self.model.config.pad_token_id
-        return 0 if pad is None else int(pad)
+        return resolve_pad_token_id(self.model.config, self.processor)
 
     def prepare(self, images, prompts: list[str], chat_template: bool = True) -> dict:
         """Processor inputs for one image per prompt (see `prepare_inputs`)."""

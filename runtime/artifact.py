@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from sparsevlm.export.manifest import ArtifactError, read_manifest
-from sparsevlm.methods.config import PrunePlan, SparseVLMConfig, resolve
+from sparsevlm.export.manifest import MANIFEST, ArtifactError, read_manifest
+from sparsevlm.methods.config import ConfigError, PrunePlan, SparseVLMConfig, resolve
 
 
 @dataclass
@@ -20,7 +20,14 @@ class Artifact:
         root = Path(path)
         manifest = read_manifest(root, verify_files=verify_files)
         model = manifest["model"]
-        plan = resolve(SparseVLMConfig.from_dict(manifest["method"]), model["num_layers"], model["num_visual"])
+        try:
+            plan = resolve(SparseVLMConfig.from_dict(manifest["method"]), model["num_layers"], model["num_visual"])
+        except (ConfigError, TypeError) as error:
+            raise ArtifactError(f"artifact: {root / MANIFEST}: method {manifest['method']} is not a valid "
+                                f"method setting ({error})") from None
+        if list(plan.prune_layers) != manifest["prune_layers"]:
+            raise ArtifactError(f"artifact: {root / MANIFEST}: prune_layers {manifest['prune_layers']} do not match "
+                                f"its method, which prunes at {list(plan.prune_layers)}")
         return cls(root, manifest, plan)
 
     def graph_path(self, name: str) -> Path:

@@ -5,15 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import tempfile
+from pathlib import Path
 
-from sparsevlm.export.manifest import ArtifactError
-from sparsevlm.methods.config import ConfigError
-from sparsevlm.methods.generation import InputError, validate_trace
-from sparsevlm.methods.loading import ModelNotFoundError
+from sparsevlm.cli import add_verbose_flag, check_output_file, command
+from sparsevlm.methods.files import current_umask
+from sparsevlm.methods.generation import validate_trace
+from sparsevlm.methods.loading import check_device
 
 from .backends import BACKENDS
-from .profiles import ProfileError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,22 +35,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plugin-library", help="tensorrt backend: path of libsparsevlm_plugins.so")
     p.add_argument("--device", default="cpu", help="torch backend device (cpu, cuda)")
     p.add_argument("--debug", action="store_true", help="log the profile chosen for each segment")
+    add_verbose_flag(p)
     return p
 
 
+def write_json_file(path: Path, content: dict) -> None:
+    """Write `path` whole or not at all (a temporary sibling renamed over it)."""
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as out:
+            json.dump(content, out)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+
+# Failures become one line and exit status 2 (sparsevlm.cli).
+@command("sparsevlm-run")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(name)s: %(message)s")
+    check_device(args.device)
+    trace_path = check_output_file(args.trace_json, "--trace-json") if args.trace_json else None  # before the run
     from .pipeline import Pipeline
-    try:
-        pipe = Pipeline.load(args.artifact, args.backend, model=args.model, plugin_library=args.plugin_library,
-                             device=args.device)
-        out = pipe.generate([args.image], [args.prompt], max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    except (ArtifactError, InputError, ProfileError, ConfigError, ModelNotFoundError, FileNotFoundError,
-            RuntimeError) as error:
-        print(f"sparsevlm-run: error: {error}", file=sys.stderr)
-        return 2
+    pipe = Pipeline.load(args.artifact, args.backend, model=args.model, plugin_library=args.plugin_library,
+                         device=args.device)
+    out = pipe.generate([args.image], [args.prompt], max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     trace = out.trace
     print(f"answer: {out.texts[0]!r}")
     print(f"method: {json.dumps(trace['method'])}")
@@ -66,11 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     steps = max(t["decode_steps"] - 1, 1)
     print(f"time: vision {t['vision'] * 1e3:.1f} ms, prefill {t['prefill'] * 1e3:.1f} ms, "
           f"decode {t['decode'] * 1e3 / steps:.1f} ms/token ({args.backend})")
-    if args.trace_json:
+    if trace_path is not None:
         validate_trace(trace)
-        with open(args.trace_json, "w") as f:
-            json.dump(trace, f)
-        print(f"trace written to {args.trace_json}")
+        write_json_file(trace_path, trace)
+        print(f"trace written to {trace_path}")
     return 0
 
 

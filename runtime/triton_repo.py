@@ -41,6 +41,7 @@ import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sparsevlm.cli import add_verbose_flag, command
 from sparsevlm.methods.files import atomic_directory
 
 MODELS_DIR = Path(__file__).with_name("triton_models")
@@ -541,9 +542,11 @@ def _parser() -> argparse.ArgumentParser:
                         "(default: this interpreter's site-packages; '' when the stub env has sparsevlm)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--validate", metavar="REPO", help="only validate an existing repository offline")
+    add_verbose_flag(p)
     return p
 
 
+@command("sparsevlm-triton")  # failures: one line, exit 2 (sparsevlm.cli)
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:

@@ -95,8 +95,8 @@ def test_batched_records_equal_batch_one_runs(calibrated, vlm):
 def test_calibration_json_follows_the_interface(calibrated, demo_dir):
     written = json.loads(calibrated.calibration_path.read_text())
     assert written == calibrated.calibration
-    assert set(written) == {"schema", "model", "method", "num_samples", "coverage_target", "max_profiles",
-                            "segments", "layers"}
+    assert set(written) == {"schema", "model", "config_sha256", "method", "num_samples", "coverage_target",
+                            "max_profiles", "segments", "layers"}
     assert written["schema"] == "sparsevlm-calibration/1"
     assert written["model"] == str(demo_dir)
     assert SparseVLMConfig.from_dict(written["method"]) == SparseVLMConfig(
