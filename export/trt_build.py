@@ -8,17 +8,29 @@ min/opt/max shapes are its `shape` with every name replaced by that value.
     sparsevlm-build ARTIFACT [--plugin-library PATH] [--graph NAME ...] [--timing-cache FILE]
                     [--version-compatible [--exclude-lean-runtime]] [--dry-run]
 
-The plugin library (`sparsevlm.trt_plugins.find_plugin_library`) is loaded into TensorRT's
-plugin registry with `load_library`, so the parser turns every `sparsevlm` node into its
-plugin (the nodes carry `plugin_namespace`; `kENABLE_PLUGIN_OVERRIDE` is set where the parser
-has it). Networks are strongly typed: the ONNX types decide the precision. Engines go to
+Needs TensorRT >= 10.7: from 10.7 the ONNX parser imports a node as its registered plugin
+even when the model also carries a local function of the same name (here: the reference body
+every `sparsevlm` node has, so that ONNX Runtime can run the graph); older parsers silently
+import the body. The plugin library (`sparsevlm.trt_plugins.find_plugin_library`) is loaded
+into TensorRT's plugin registry with `sparsevlm.trt_plugins.load_plugin_library` (the loader
+the runtime uses too; loading twice in one process is fine), and the nodes carry
+`plugin_namespace`, which selects the plugin. The parser keeps its default flags (setting any
+would clear NATIVE_INSTANCENORM, which version-compatible builds need). After parsing, every
+`sparsevlm` node must have become a plugin layer (`IPluginV3` in namespace `sparsevlm`), else
+the build stops with a BuildError naming the nodes: never a silent fallback to a function
+body. Networks are strongly typed: the ONNX types decide the precision. Engines go to
 `ARTIFACT/engines/<graph>.plan` and are recorded in the manifest under `engines`:
 
     "engines": {"<graph>": {"file": "engines/<graph>.plan", "tensorrt_version": "11.1.0",
                             "version_compatible": false, "exclude_lean_runtime": false,
+                            "embeds_lean_runtime": false,
                             "profiles": [{"dims": {"batch": [1, 1, 8], ...},
                                           "inputs": {"<input>": {"min": [...], "opt": [...],
                                                                   "max": [...]}}}, ...]}}
+
+`embeds_lean_runtime` (version compatible, lean runtime not excluded) tells the runtime to
+allow engine host code; a plan built with `--exclude-lean-runtime` is run by a lean runtime
+library of the same TensorRT version that the runtime loads (`runtime.backends`).
 
 Every file is written to a temporary name and renamed, the manifest last. Building needs the
 full `tensorrt` package and a GPU; `--dry-run` prints the profile tables without either.
@@ -36,6 +48,7 @@ from pathlib import Path
 
 from sparsevlm.cli import add_verbose_flag, command
 from sparsevlm.export.manifest import MANIFEST, read_manifest
+from sparsevlm.trt_plugins import PLUGIN_NAMESPACE
 
 ENGINE_DIR = "engines"
 ENGINE_SUFFIX = ".plan"
@@ -186,40 +199,117 @@ def record_engines(artifact_dir: str | Path, entries: dict[str, dict]) -> None:
 # Building (TensorRT 10.x / 11.x Python API through polygraphy's loaders)
 
 
+# The first ONNX parser that prefers a registered plugin over a node's local function.
+MIN_TENSORRT_VERSION = (10, 7)
+
+
+def check_tensorrt_version(version: str) -> None:
+    """BuildError unless `version` (tensorrt.__version__) is at least MIN_TENSORRT_VERSION."""
+    try:
+        major_minor = tuple(int(part) for part in version.split(".")[:2])
+    except ValueError:
+        raise BuildError(f"cannot read the TensorRT version {version!r}") from None
+    if major_minor < MIN_TENSORRT_VERSION:
+        need = ".".join(map(str, MIN_TENSORRT_VERSION))
+        raise BuildError(f"TensorRT {version} is too old: sparsevlm-build needs >= {need}, whose ONNX parser "
+                         f"imports a `sparsevlm` node as its plugin instead of the node's local function body")
+
+
 def import_tensorrt():
     """The full TensorRT package (builder and ONNX parser), or BuildError saying what is missing."""
     try:
         import tensorrt as trt
     except ImportError as error:
         raise BuildError(f"the full TensorRT Python package is not installed (import tensorrt: {error}); "
-                         "install `tensorrt` (>= 10.15, from NVIDIA's package index) on a machine with an "
+                         "install `tensorrt` (>= 10.7, from NVIDIA's package index) on a machine with an "
                          "NVIDIA GPU") from None
     if not hasattr(trt, "Builder") or not hasattr(trt, "OnnxParser"):
         raise BuildError("the installed `tensorrt` package has no builder or ONNX parser (a lean or dispatch "
                          "runtime?); engines need the full TensorRT package")
+    check_tensorrt_version(trt.__version__)
     return trt
 
 
 def load_plugin_library(trt, plugin_library: str | os.PathLike | None = None) -> Path:
     """Load libsparsevlm_plugins.so into TensorRT's plugin registry (dynamic loading through
-    its getCreators entry point; never the static-registration variant)."""
-    from sparsevlm.trt_plugins import find_plugin_library
+    its getCreators entry point; never the static-registration variant). A library this
+    process already loaded (e.g. by a pipeline) is not loaded again."""
+    from sparsevlm import trt_plugins
 
     try:
-        library = find_plugin_library(plugin_library)
-    except FileNotFoundError as error:
+        return trt_plugins.load_plugin_library(trt.get_plugin_registry(), plugin_library)
+    except (FileNotFoundError, trt_plugins.PluginLibraryError) as error:
         raise BuildError(str(error)) from None
-    if trt.get_plugin_registry().load_library(str(library)) is None:
-        raise BuildError(f"TensorRT could not load the plugin library {library} (built against another "
-                         "TensorRT major version, or not the getCreators variant?)")
-    return library
 
 
-def _parser_flags(trt) -> list:
-    # The nodes carry plugin_namespace, which already selects the plugin on parsers >= 10.15;
-    # the override flag makes the plugin win over a same-named local function body as well.
-    flag = getattr(trt.OnnxParserFlag, "ENABLE_PLUGIN_OVERRIDE", None)
-    return [flag] if flag is not None else []
+# ---------------------------------------------------------------------------------------------
+# Every sparsevlm node must become a plugin layer (pure Python over descriptions)
+
+
+@dataclass(frozen=True)
+class PluginNode:
+    """A `sparsevlm`-domain node of the ONNX graph."""
+
+    name: str
+    op_type: str
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """What the check needs of one network layer: its name and, for an IPluginV3 layer, the
+    plugin's name and namespace (None for other layers)."""
+
+    name: str
+    plugin_name: str | None = None
+    plugin_namespace: str | None = None
+
+
+def plugin_nodes(model) -> list[PluginNode]:
+    """The `sparsevlm`-domain nodes of an onnx.ModelProto's main graph."""
+    from sparsevlm.export.onnx_ops import DOMAIN  # imports torch: not needed for --dry-run
+
+    return [PluginNode(node.name, node.op_type) for node in model.graph.node if node.domain == DOMAIN]
+
+
+def missing_plugin_layers(nodes: list[PluginNode], layers: list[LayerInfo]) -> list[PluginNode]:
+    """The nodes that did not become `sparsevlm` plugin layers. A node counts as converted when
+    a plugin layer of its op type has its name; the rest are matched by count per op type (the
+    parser may rename a layer), and the unmatched remainder is returned."""
+    missing = []
+    for op_type in dict.fromkeys(node.op_type for node in nodes):
+        expected = [node for node in nodes if node.op_type == op_type]
+        found = [layer.name for layer in layers
+                 if layer.plugin_name == op_type and layer.plugin_namespace == PLUGIN_NAMESPACE]
+        unnamed = [node for node in expected if node.name not in found]
+        spare = len(found) - (len(expected) - len(unnamed))
+        if len(unnamed) > spare:
+            missing.extend(unnamed)
+    return missing
+
+
+def describe_layers(trt, network) -> list[LayerInfo]:
+    """LayerInfo for every layer of a parsed trt.INetworkDefinition."""
+    layers = []
+    for index in range(network.num_layers):
+        layer = network.get_layer(index)
+        if layer.type != trt.LayerType.PLUGIN_V3:
+            layers.append(LayerInfo(layer.name))
+            continue
+        layer.__class__ = trt.IPluginV3Layer  # the bindings return the ILayer base class
+        core = layer.plugin.get_capability_interface(trt.PluginCapabilityType.CORE)
+        layers.append(LayerInfo(layer.name, core.plugin_name, core.plugin_namespace))
+    return layers
+
+
+def check_plugin_layers(graph: str, nodes: list[PluginNode], layers: list[LayerInfo]) -> None:
+    """BuildError naming every `sparsevlm` node that is not a plugin layer of the network."""
+    missing = missing_plugin_layers(nodes, layers)
+    if missing:
+        listed = ", ".join(f"{node.op_type} {node.name!r}" for node in missing)
+        raise BuildError(f"graph {graph!r}: {len(missing)} of {len(nodes)} `sparsevlm` node(s) did not become "
+                         f"TensorRT plugin layers in namespace {PLUGIN_NAMESPACE!r} ({listed}); the parser "
+                         f"imported their ONNX function bodies instead. Is the plugin library built for this "
+                         f"TensorRT version and loaded?")
 
 
 def build_engines(artifact_dir: str | Path, plugin_library: str | os.PathLike | None = None, *,
@@ -239,6 +329,7 @@ def build_engines(artifact_dir: str | Path, plugin_library: str | os.PathLike | 
             raise BuildError(f"graph {plan.name!r}: {root / plan.onnx_file} is missing")
 
     trt = import_tensorrt()
+    import onnx
     from polygraphy.backend.common import SaveBytes
     from polygraphy.backend.trt import (CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath,
                                         PostprocessConfig, Profile)
@@ -252,7 +343,14 @@ def build_engines(artifact_dir: str | Path, plugin_library: str | os.PathLike | 
             for s in shapes:
                 profile.add(s.name, min=s.min, opt=s.opt, max=s.max)
             profiles.append(profile)
-        network = NetworkFromOnnxPath(str(root / plan.onnx_file), flags=_parser_flags(trt), strongly_typed=True)
+        onnx_path = root / plan.onnx_file
+        try:
+            # Default parser flags: see the module docstring.
+            network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)()
+        except Exception as error:  # polygraphy raises its own PolygraphyException on parse errors
+            raise BuildError(f"graph {plan.name!r}: TensorRT could not parse {onnx_path} ({error})") from error
+        check_plugin_layers(plan.name, plugin_nodes(onnx.load(str(onnx_path), load_external_data=False)),
+                            describe_layers(trt, network[1]))
         config = CreateConfig(
             profiles=profiles or None,
             load_timing_cache=str(timing_cache) if timing_cache and Path(timing_cache).is_file() else None,
@@ -280,7 +378,9 @@ def build_engines(artifact_dir: str | Path, plugin_library: str | os.PathLike | 
         os.replace(temporary, root / relative)
         entries[plan.name] = {"file": relative, "tensorrt_version": trt.__version__,
                               "version_compatible": version_compatible,
-                              "exclude_lean_runtime": exclude_lean_runtime, "profiles": profile_table(plan)}
+                              "exclude_lean_runtime": exclude_lean_runtime,
+                              "embeds_lean_runtime": version_compatible and not exclude_lean_runtime,
+                              "profiles": profile_table(plan)}
         built[plan.name] = root / relative
     record_engines(root, entries)
     return built

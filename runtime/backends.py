@@ -4,17 +4,27 @@ with dicts of torch tensors by name (the interface of methods/generation.py).
 - `torch`: the PyTorch method on the checkpoint the manifest names (the reference).
 - `onnxruntime`: the exported ONNX graphs (CPU; CUDA provider where installed).
 - `tensorrt`: engines built by sparsevlm-build, one execution context per optimization
-  profile, the plugin library loaded through the plugin registry.
+  profile sharing one device memory block, the plugin library loaded through the plugin
+  registry (`sparsevlm.trt_plugins.load_plugin_library`).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from sparsevlm.export.manifest import ArtifactError
+from sparsevlm.methods.generation import InputError
+
 from .artifact import Artifact
+from .profiles import ProfileError
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
@@ -56,7 +66,6 @@ class OnnxRuntimeExecutor(GraphExecutor):
             try:
                 self.sessions[name] = ort.InferenceSession(str(artifact.graph_path(name)), options, providers=providers)
             except Exception as error:  # onnxruntime raises its own exception types
-                from sparsevlm.export.manifest import ArtifactError
                 raise ArtifactError(f"artifact: cannot load {artifact.graph_path(name)}: {str(error).splitlines()[0]}") from None
         self._inputs = {n: [i.name for i in s.get_inputs()] for n, s in self.sessions.items()}
         # Feeds are cast to each input's declared type (e.g. float32 pixels into a float16 graph).
@@ -83,76 +92,278 @@ def torch_executor(artifact: Artifact, model: str | None = None, device: str = "
     torch_model, _ = load_model(model or artifact.manifest["model"]["source"], dtype=artifact.manifest["dtype"],
                                 device=device)
     if config_sha256(torch_model) != artifact.manifest["model"]["config_sha256"]:
-        from sparsevlm.export.manifest import ArtifactError
         raise ArtifactError("model: the checkpoint's config differs from the one the artifact was exported from")
     return TorchExecutor(torch_model, artifact.plan)
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorRT. The decisions (dtypes, alignment, profile ranges, which runtime loads a plan) are
+# small functions without CUDA; TensorRTExecutor wires them to the TensorRT API and CudaStreamOrder
+# is the only part that needs a GPU (tests/test_trt_executor.py drives the rest with fakes).
+
+TENSOR_ALIGNMENT = 256  # bytes; TensorRT requires every I/O tensor address to be a multiple of it
+LEAN_RUNTIME_ENV = "SPARSEVLM_LEAN_RUNTIME"
+
+# By trt.DataType name: the same in `tensorrt` and the lean modules, and bfloat16 has no numpy type.
+_TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT8": torch.int8,
+                 "UINT8": torch.uint8, "INT32": torch.int32, "INT64": torch.int64, "BOOL": torch.bool}
+
+
+def torch_dtype(trt_dtype) -> torch.dtype:
+    """The torch dtype of an engine tensor's trt.DataType."""
+    name = getattr(trt_dtype, "name", str(trt_dtype))
+    if name not in _TORCH_DTYPES:
+        raise ArtifactError(f"tensorrt backend: engine tensor type {name} has no torch equivalent "
+                            f"(supported: {', '.join(_TORCH_DTYPES)})")
+    return _TORCH_DTYPES[name]
+
+
+def empty_aligned(shape, dtype: torch.dtype, device, alignment: int = TENSOR_ALIGNMENT) -> torch.Tensor:
+    """An uninitialised contiguous tensor whose data starts at a multiple of `alignment` bytes.
+    (Fresh CUDA allocations already are; a CPU one or a reused block may not be.)"""
+    tensor = torch.empty(shape, dtype=dtype, device=device)
+    if tensor.data_ptr() % alignment == 0:
+        return tensor
+    nbytes = tensor.numel() * tensor.element_size()
+    buffer = torch.empty(nbytes + alignment, dtype=torch.uint8, device=device)
+    offset = -buffer.data_ptr() % alignment
+    return buffer[offset:offset + nbytes].view(dtype).view(tensor.shape)
+
+
+def aligned(tensor: torch.Tensor, alignment: int = TENSOR_ALIGNMENT) -> torch.Tensor:
+    """`tensor` itself when it is contiguous and aligned, else an aligned contiguous copy (a
+    slice or view of a bigger tensor starts wherever its first element is)."""
+    if tensor.is_contiguous() and tensor.data_ptr() % alignment == 0:
+        return tensor
+    return empty_aligned(tensor.shape, tensor.dtype, tensor.device, alignment).copy_(tensor)
+
+
+def profile_shape_error(graph: str, tensor: str, shape, profile: int, bounds) -> str | None:
+    """None when `shape` lies within `bounds` = (min, opt, max) of `tensor` in optimization
+    profile `profile` (engine.get_tensor_profile_shape), else the message saying why not."""
+    low, _, high = (tuple(int(d) for d in bound) for bound in bounds)
+    shape = tuple(int(d) for d in shape)
+    if len(shape) == len(low) == len(high) and all(lo <= d <= hi for lo, d, hi in zip(low, shape, high)):
+        return None
+    return (f"tensorrt backend: graph {graph!r}, input {tensor!r}: shape {list(shape)} is outside optimization "
+            f"profile {profile} (min {list(low)}, max {list(high)})")
+
+
+@dataclass(frozen=True)
+class PlanLoading:
+    """How one engine plan is deserialized, read from its manifest entry (sparsevlm-build)."""
+
+    host_code_allowed: bool  # version compatible: the plan carries host code (lean runtime, plugins)
+    lean_runtime: bool  # built with --exclude-lean-runtime: a loaded lean runtime library reads it
+
+
+def plan_loading(graph: str, entry: dict) -> PlanLoading:
+    """PlanLoading from the entry's `version_compatible`, `exclude_lean_runtime` and
+    `embeds_lean_runtime` (absent in manifests written before it existed: derived)."""
+    flags = {}
+    for key in ("version_compatible", "exclude_lean_runtime"):
+        flags[key] = entry.get(key, False)
+        if not isinstance(flags[key], bool):
+            raise ArtifactError(f"manifest: engines[{graph!r}][{key!r}] must be true or false, got {flags[key]!r}")
+    compatible, excluded = flags["version_compatible"], flags["exclude_lean_runtime"]
+    if excluded and not compatible:
+        raise ArtifactError(f"manifest: engines[{graph!r}] excludes the lean runtime but is not version compatible")
+    embeds = compatible and not excluded
+    if entry.get("embeds_lean_runtime", embeds) != embeds:
+        raise ArtifactError(f"manifest: engines[{graph!r}]['embeds_lean_runtime'] is "
+                            f"{entry['embeds_lean_runtime']!r}, but version_compatible={compatible} and "
+                            f"exclude_lean_runtime={excluded} say {embeds}")
+    # As trtexec does: every version-compatible plan needs host code allowed on its runtime.
+    return PlanLoading(host_code_allowed=compatible, lean_runtime=excluded)
+
+
+def find_lean_runtime(path: str | os.PathLike | None = None) -> Path:
+    """The lean runtime library that runs plans built with --exclude-lean-runtime (it must be
+    the TensorRT version that built them): `path`, else $SPARSEVLM_LEAN_RUNTIME, else
+    libnvinfer_lean.so.* of the installed `tensorrt-lean-*-libs` wheel (`tensorrt_lean_libs`)."""
+    if path is not None or os.environ.get(LEAN_RUNTIME_ENV):
+        where = Path(path if path is not None else os.environ[LEAN_RUNTIME_ENV])
+        if not where.is_file():
+            source = "the given path" if path is not None else f"${LEAN_RUNTIME_ENV}"
+            raise FileNotFoundError(f"tensorrt backend: lean runtime library not found at {where} ({source})")
+        return where.resolve()
+    spec = importlib.util.find_spec("tensorrt_lean_libs")
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    found = sorted(p for folder in folders for p in Path(folder).glob("libnvinfer_lean.so*"))
+    if not found:
+        raise FileNotFoundError(f"tensorrt backend: the engines were built with --exclude-lean-runtime and need a "
+                                f"lean runtime library (libnvinfer_lean.so of the TensorRT version that built "
+                                f"them): set {LEAN_RUNTIME_ENV} or install tensorrt-lean-cu13-libs")
+    return found[0].resolve()
+
+
+class CudaStreamOrder:
+    """The engines' own CUDA stream, ordered both ways against the caller's current torch
+    stream: the engine starts after the work that produced its inputs, and the caller's later
+    work (reading outputs, reusing the inputs' memory) starts after the engine. One stream for
+    all engines also serialises their use of the shared device memory."""
+
+    def __init__(self):
+        self.stream = torch.cuda.Stream()
+
+    @property
+    def handle(self) -> int:
+        return self.stream.cuda_stream
+
+    def engine_waits_for_producer(self) -> None:
+        self.stream.wait_stream(torch.cuda.current_stream())
+
+    def consumer_waits_for_engine(self) -> None:
+        torch.cuda.current_stream().wait_stream(self.stream)
+
+    def synchronize(self) -> None:
+        self.stream.synchronize()
 
 
 class TensorRTExecutor(GraphExecutor):
     """Engines from `manifest["engines"]` (written by sparsevlm-build); one execution
     context per optimization profile; inputs and outputs as CUDA torch tensors.
 
-    All output shapes here follow from input shapes (TokenPrune's width is a shape input),
-    so outputs are allocated after `set_input_shape`, with no output allocator needed."""
+    - Inputs are cast to each engine tensor's dtype and copied to 256-byte aligned memory
+      when they are not aligned; their shapes are checked against the selected profile.
+    - Version-compatible plans get engine host code allowed; plans built with
+      --exclude-lean-runtime are read by a lean runtime library (`lean_runtime`, see
+      `find_lean_runtime`) loaded with `Runtime.load_runtime`, with the plugin library
+      loaded into its own registry.
+    - The contexts are created without device memory and share one block, sized for the
+      largest profile of any engine: the graphs run one at a time, in order, on one stream.
+    - All output shapes follow from input shapes (TokenPrune's width is the length of an
+      input), so outputs are allocated after `set_input_shape`, with no output allocator.
 
-    def __init__(self, artifact: Artifact, plugin_library: str | None = None, lean: bool = False):
-        trt = _import_tensorrt(lean)
-        if not torch.cuda.is_available():
+    `tensorrt`, `device` and `stream_order` exist for the tests, which run the executor's
+    logic on the CPU with a fake TensorRT module; leave them at their defaults."""
+
+    def __init__(self, artifact: Artifact, plugin_library: str | None = None, lean: bool = False,
+                 lean_runtime: str | os.PathLike | None = None, *, tensorrt=None, device: str = "cuda",
+                 stream_order=None):
+        from sparsevlm.trt_plugins import load_plugin_library
+        trt = tensorrt if tensorrt is not None else _import_tensorrt(lean)
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("tensorrt backend: no CUDA device is available")
-        from sparsevlm.trt_plugins import find_plugin_library
-        engines = artifact.manifest.get("engines")
-        if not engines:
-            raise RuntimeError(f"tensorrt backend: {artifact.root} has no engines; run sparsevlm-build first")
+        engines = artifact.manifest.get("engines") or {}
+        missing = [name for name in graph_names(artifact) if name not in engines]
+        if missing:
+            raise RuntimeError(f"tensorrt backend: {artifact.root} has no engine for {', '.join(missing)}; "
+                               "run sparsevlm-build first")
         self.trt, self.artifact = trt, artifact
         self.logger = trt.Logger(trt.Logger.WARNING)
-        library = find_plugin_library(plugin_library)
-        if trt.get_plugin_registry().load_library(str(library)) is None:
-            raise RuntimeError(f"tensorrt backend: could not load the plugin library {library}")
-        self.runtime = trt.Runtime(self.logger)
-        self.stream = torch.cuda.Stream()
-        self.engines, self.contexts, self.profile = {}, {}, {}
+        self.order = stream_order if stream_order is not None else CudaStreamOrder()
+        load_plugin_library(trt.get_plugin_registry(), plugin_library)
+        self._runtimes: dict[PlanLoading, object] = {}
+        self.engines = {}
         for name in graph_names(artifact):
-            plan = (artifact.root / engines[name]["file"]).read_bytes()
-            engine = self.runtime.deserialize_cuda_engine(plan)
+            entry = engines[name]
+            runtime = self._runtime(plan_loading(name, entry), plugin_library, lean_runtime)
+            path = artifact.root / entry["file"]
+            engine = runtime.deserialize_cuda_engine(path.read_bytes())
+            if engine is None:
+                raise ArtifactError(f"tensorrt backend: TensorRT {getattr(trt, '__version__', '?')} cannot "
+                                    f"deserialize {path} (graph {name!r}, built by TensorRT "
+                                    f"{entry.get('tensorrt_version', '?')}, version_compatible="
+                                    f"{entry.get('version_compatible', False)}); see the TensorRT log above")
             self.engines[name] = engine
+        # One block for every context (ExecutionContextAllocationStrategy.USER_MANAGED) instead
+        # of a static block per context: at most one context runs at a time.
+        self.device_memory_size = max(engine.get_device_memory_size_for_profile_v2(index)
+                                      for engine in self.engines.values()
+                                      for index in range(engine.num_optimization_profiles))
+        self.device_memory = empty_aligned((max(self.device_memory_size, 1),), torch.uint8, self.device)
+        self.contexts, self.profile = {}, {}
+        for name, engine in self.engines.items():
             self.contexts[name] = []
             for index in range(engine.num_optimization_profiles):
-                context = engine.create_execution_context()
-                context.set_optimization_profile_async(index, self.stream.cuda_stream)
+                context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+                if context is None:
+                    raise RuntimeError(f"tensorrt backend: graph {name!r}: TensorRT could not create an execution "
+                                       f"context for profile {index}; see the TensorRT log above")
+                context.set_device_memory(self.device_memory.data_ptr(), self.device_memory_size)
+                if not context.set_optimization_profile_async(index, self.order.handle):
+                    raise RuntimeError(f"tensorrt backend: graph {name!r}: TensorRT could not select "
+                                       f"optimization profile {index}; see the TensorRT log above")
                 self.contexts[name].append(context)
             self.profile[name] = 0
+        self.order.synchronize()
+        self._lock = threading.Lock()  # a context's addresses and shapes belong to one call at a time
+
+    def _runtime(self, loading: PlanLoading, plugin_library, lean_runtime):
+        """The runtime that deserializes plans loaded the way `loading` says (one per way)."""
+        if loading in self._runtimes:
+            return self._runtimes[loading][0]
+        from sparsevlm.trt_plugins import load_plugin_library
+        runtime = parent = self.trt.Runtime(self.logger)
+        if loading.lean_runtime:
+            library = find_lean_runtime(lean_runtime)
+            runtime = parent.load_runtime(str(library))
+            if runtime is None:
+                raise RuntimeError(f"tensorrt backend: TensorRT could not load the lean runtime {library}; "
+                                   "see the TensorRT log above")
+            # The loaded runtime has its own plugin registry.
+            load_plugin_library(runtime.get_plugin_registry(), plugin_library)
+        if loading.host_code_allowed:
+            runtime.engine_host_code_allowed = True
+        self._runtimes[loading] = (runtime, parent)  # the parent must outlive what it loaded
+        return runtime
 
     def select_profile(self, graph: str, index: int) -> None:
+        count = len(self.contexts[graph])
+        if not 0 <= index < count:
+            raise ProfileError(f"tensorrt backend: graph {graph!r} has {count} optimization profile(s); "
+                               f"got profile {index}")
         self.profile[graph] = index
+
+    @staticmethod
+    def _set_address(graph: str, context, tensor: str, value: torch.Tensor) -> None:
+        if not context.set_tensor_address(tensor, value.data_ptr()):
+            raise RuntimeError(f"tensorrt backend: graph {graph!r}: TensorRT refused the address of {tensor!r} "
+                               f"({value.data_ptr() % TENSOR_ALIGNMENT} bytes past a {TENSOR_ALIGNMENT}-byte "
+                               "boundary); see the TensorRT log above")
 
     def _run(self, name: str, inputs: dict) -> dict:
         trt, engine = self.trt, self.engines[name]
-        context = self.contexts[name][self.profile[name]]
-        keep = []
+        profile = self.profile[name]
+        context = self.contexts[name][profile]
         rename = self.artifact.output_names(name)
-        outputs = {}
-        for i in range(engine.num_io_tensors):
-            tensor = engine.get_tensor_name(i)
-            if engine.get_tensor_mode(tensor) == trt.TensorIOMode.INPUT:
-                value = inputs[tensor].cuda().contiguous()
-                keep.append(value)
-                context.set_input_shape(tensor, tuple(value.shape))
-                context.set_tensor_address(tensor, value.data_ptr())
-        for i in range(engine.num_io_tensors):
-            tensor = engine.get_tensor_name(i)
-            if engine.get_tensor_mode(tensor) == trt.TensorIOMode.OUTPUT:
-                dtype = _TORCH_DTYPES[trt.nptype(engine.get_tensor_dtype(tensor))]
-                value = torch.empty(tuple(context.get_tensor_shape(tensor)), dtype=dtype, device="cuda")
-                context.set_tensor_address(tensor, value.data_ptr())
+        tensors = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        is_input = {t: engine.get_tensor_mode(t) == trt.TensorIOMode.INPUT for t in tensors}
+        absent = [t for t in tensors if is_input[t] and t not in inputs]
+        if absent:
+            raise InputError(f"tensorrt backend: graph {name!r} needs input(s) {absent}; got {sorted(inputs)}")
+        bound, outputs = [], {}
+        with self._lock:
+            for tensor in (t for t in tensors if is_input[t]):
+                host = getattr(engine.get_tensor_location(tensor), "name", "") == "HOST"  # shape tensors
+                value = aligned(inputs[tensor].to(device="cpu" if host else self.device,
+                                                  dtype=torch_dtype(engine.get_tensor_dtype(tensor))))
+                shape = tuple(value.shape)
+                bounds = engine.get_tensor_profile_shape(tensor, profile)
+                error = profile_shape_error(name, tensor, shape, profile, bounds)
+                if error is None and not context.set_input_shape(tensor, shape):
+                    error = (f"tensorrt backend: graph {name!r}, input {tensor!r}: TensorRT rejected shape "
+                             f"{list(shape)} in optimization profile {profile}")
+                if error is not None:
+                    raise ProfileError(error)
+                self._set_address(name, context, tensor, value)
+                bound.append(value)
+            for tensor in (t for t in tensors if not is_input[t]):
+                shape = tuple(context.get_tensor_shape(tensor))
+                if any(d < 0 for d in shape):
+                    raise RuntimeError(f"tensorrt backend: graph {name!r}: output {tensor!r} has shape {list(shape)} "
+                                       "after every input shape is set (data-dependent outputs are not supported)")
+                value = empty_aligned(shape, torch_dtype(engine.get_tensor_dtype(tensor)), self.device)
+                self._set_address(name, context, tensor, value)
                 outputs[rename.get(tensor, tensor)] = value
-        if not context.execute_async_v3(self.stream.cuda_stream):
-            raise RuntimeError(f"tensorrt backend: {name} failed to execute")
-        self.stream.synchronize()
+            self.order.engine_waits_for_producer()
+            executed = context.execute_async_v3(self.order.handle)
+            self.order.consumer_waits_for_engine()
+        if not executed:
+            raise RuntimeError(f"tensorrt backend: graph {name!r} failed to execute; see the TensorRT log above")
         return outputs
-
-
-_TORCH_DTYPES = {np.float32: torch.float32, np.float16: torch.float16, np.int64: torch.int64,
-                 np.int32: torch.int32, np.bool_: torch.bool}
 
 
 def _import_tensorrt(lean: bool):

@@ -1,11 +1,13 @@
 """sparsevlm.trt_plugins: find or build the TensorRT plugin library of the `sparsevlm` ops.
 
 The C++/CUDA sources live next to this file (one folder per op, see README.md). This module
-only locates the built library for the engine builder and the runtime, and runs CMake:
+locates the built library, loads it into a TensorRT plugin registry (the one loader that the
+engine builder and the runtime share) and runs CMake:
 
-    from sparsevlm.trt_plugins import build_plugin_library, find_plugin_library
+    from sparsevlm.trt_plugins import build_plugin_library, find_plugin_library, load_plugin_library
     build_plugin_library(tensorrt_root="/opt/TensorRT")   # once; needs nvcc and TensorRT headers
     path = find_plugin_library()                          # $SPARSEVLM_PLUGIN_LIB, else the build dir
+    load_plugin_library(trt.get_plugin_registry())        # idempotent per registry and process
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 PLUGIN_NAMESPACE = "sparsevlm"
@@ -47,6 +50,45 @@ def find_plugin_library(path: str | os.PathLike | None = None) -> Path:
     if not where.is_file():
         raise FileNotFoundError(f"TensorRT plugin library not found at {where} ({source}); {_BUILD_HINT}")
     return where.resolve()
+
+
+class PluginLibraryError(RuntimeError):
+    """A TensorRT plugin registry cannot load the plugin library."""
+
+
+# (id(registry), library) -> (registry, handle) for every library this process loaded. The
+# registry object is kept so that its id cannot be reused by another object.
+_loaded: dict[tuple[int, Path], tuple[object, object]] = {}
+_loaded_lock = threading.Lock()
+
+
+def load_plugin_library(registry, path: str | os.PathLike | None = None) -> Path:
+    """Load libsparsevlm_plugins.so (`find_plugin_library(path)`) into `registry`: TensorRT's
+    `get_plugin_registry()`, or a loaded lean runtime's `runtime.get_plugin_registry()`.
+
+    `IPluginRegistry.load_library` returns None for a library that registry already holds, so
+    a second load in one process (an engine build then a pipeline, two pipelines side by side)
+    must not count as a failure: each (registry, library) is loaded once and remembered, and a
+    None from the registry is accepted when the registry already has every `sparsevlm` creator
+    (loaded by other code, e.g. the static-registration variant). Returns the library's path;
+    raises FileNotFoundError when it is missing and PluginLibraryError when it cannot be loaded.
+    """
+    library = find_plugin_library(path)
+    key = (id(registry), library)
+    with _loaded_lock:
+        if key in _loaded:
+            return library
+        handle = registry.load_library(str(library))
+        if handle is None:
+            missing = [name for name in PLUGIN_NAMES
+                       if registry.get_creator(name, PLUGIN_VERSION, PLUGIN_NAMESPACE) is None]
+            if missing:
+                raise PluginLibraryError(
+                    f"TensorRT could not load the plugin library {library}: the registry still lacks "
+                    f"{', '.join(missing)} (namespace {PLUGIN_NAMESPACE!r}); is it built against this TensorRT "
+                    f"major version, and is it {LIBRARY_NAME} (getCreators), not {STATIC_LIBRARY_NAME}?")
+        _loaded[key] = (registry, handle)
+    return library
 
 
 def build_plugin_library(build_dir: str | os.PathLike | None = None,
