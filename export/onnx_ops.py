@@ -8,7 +8,12 @@
 - Each node gets a model-local function body, traced from the same PyTorch reference
   (`function_body`), so stock ONNX Runtime runs the graph with no native library and
   TensorRT's parser can still map the node to the plugin. Attribute values (k, the
-  recycling constants) are baked into the body of the model that uses them.
+  recycling constants) are baked into the body of the model that uses them, and so is the
+  graph's float type T (a body's casts back from its float32 scoring arithmetic are typed).
+- Masks cross a node's boundary as int32 0/1, because TensorRT plugins cannot take or
+  return bool tensors: the emitted graph casts bool -> int32 before each node and int32 ->
+  bool after it, and each body casts back to bool around the reference. The segment graphs
+  (and their inputs and outputs) keep bool everywhere else.
 The op contracts are in OPS.md beside this file.
 """
 
@@ -27,7 +32,12 @@ OP_VERSION = 1
 PLUGIN_ATTRS = {"plugin_namespace_s": DOMAIN, "plugin_version_s": str(OP_VERSION)}
 FUNCTION_OPSET = 17  # default-domain opset of the exported graphs and of the bodies
 
-_T = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+# float32 or float16: the float types the exporter writes (sparsevlm-export --dtype) and the
+# plugins implement. No bfloat16: ONNX Runtime's CPU provider has no bfloat16 kernel for
+# MatMul, Add, Softmax, ... and opset-17 Conv does not accept it at all.
+_T = ["tensor(float)", "tensor(float16)"]
+EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+MASK = "tensor(int32)"  # 0/1 masks at the op boundary (TensorRT plugin I/O has no bool)
 
 
 def _schema(name, doc, inputs, outputs, attributes):
@@ -54,19 +64,19 @@ def register_schemas() -> None:
                 [("selected", "T", ""), ("indices", "tensor(int64)", "")],
                 [_attr("k", A.INT, "tokens kept")] + plugin),
         _schema("TokenPrune", "Rebuild the visual region: kept (original order) | merged | padding.",
-                [("visual", "T", ""), ("scores", "T", ""), ("visual_valid", "tensor(bool)", ""),
-                 ("keep_count", "tensor(int64)", ""), ("merged", "T", ""), ("merged_valid", "tensor(bool)", ""),
+                [("visual", "T", ""), ("scores", "T", ""), ("visual_valid", MASK, "0/1"),
+                 ("keep_count", "tensor(int64)", ""), ("merged", "T", ""), ("merged_valid", MASK, "0/1"),
                  ("out_width", "tensor(int64)", "shape input: only its length W is read")],
-                [("pruned", "T", ""), ("pruned_valid", "tensor(bool)", ""), ("source_index", "tensor(int64)", "")],
+                [("pruned", "T", ""), ("pruned_valid", MASK, "0/1"), ("source_index", "tensor(int64)", "")],
                 plugin),
         _schema("TokenRecycle", "SparseVLM recycling: DPC-kNN clusters of the best deleted tokens, mean merge.",
-                [("visual", "T", ""), ("scores", "T", ""), ("visual_valid", "tensor(bool)", ""),
+                [("visual", "T", ""), ("scores", "T", ""), ("visual_valid", MASK, "0/1"),
                  ("keep_count", "tensor(int64)", "")],
-                [("merged", "T", ""), ("merged_valid", "tensor(bool)", "")],
+                [("merged", "T", ""), ("merged_valid", MASK, "0/1")],
                 [_attr("candidate_percent", A.INT, "tau in percent"), _attr("cluster_divisor", A.INT, "")] + plugin),
         _schema("RankKeepCount", "Matrix rank of the rater-by-visual block and the keep rule.",
-                [("rater_attention", "tensor(float)", ""), ("rater_mask", "tensor(bool)", ""),
-                 ("visual_valid", "tensor(bool)", "")],
+                [("rater_attention", "tensor(float)", ""), ("rater_mask", MASK, "0/1"),
+                 ("visual_valid", MASK, "0/1")],
                 [("rank", "tensor(int64)", ""), ("keep_count", "tensor(int64)", "")],
                 [_attr("rule", A.STRING, "v1.0 or paper"), _attr("scale", A.FLOAT, ""), _attr("bias", A.FLOAT, ""),
                  _attr("lam", A.FLOAT, "")] + plugin),
@@ -79,6 +89,27 @@ def register_schemas() -> None:
 # Node emission (legacy exporter) with the reference as the eager/trace-time computation
 # --------------------------------------------------------------------------------------
 
+def _parameters(op: str, which: str) -> list:
+    """The schema's formal inputs or outputs of `op` (the one list of names and types)."""
+    register_schemas()
+    return list(getattr(defs.get_schema(op, OP_VERSION, DOMAIN), which))
+
+
+def _mask_positions(op: str, which: str) -> set[int]:
+    return {i for i, p in enumerate(_parameters(op, which)) if p.type_str == MASK}
+
+
+def _emit(g, op: str, *inputs, **attrs):
+    """One `sparsevlm::<op>` node, with bool -> int32 casts on its mask inputs and int32 ->
+    bool casts on its mask outputs, so the graph around it keeps bool masks."""
+    masks_in, masks_out = _mask_positions(op, "inputs"), _mask_positions(op, "outputs")
+    inputs = [g.op("Cast", v, to_i=onnx.TensorProto.INT32) if i in masks_in else v for i, v in enumerate(inputs)]
+    outputs = g.op(f"{DOMAIN}::{op}", *inputs, outputs=len(_parameters(op, "outputs")), **attrs, **PLUGIN_ATTRS)
+    for i in masks_out:  # declared int32 in the graph's value_info (the tracer cannot infer a custom op's types)
+        outputs[i].setType(outputs[i].type().with_dtype(torch.int32))
+    return tuple(g.op("Cast", v, to_i=onnx.TensorProto.BOOL) if i in masks_out else v for i, v in enumerate(outputs))
+
+
 class _TopKTokenSelect(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tokens, scores, k):
@@ -86,7 +117,7 @@ class _TopKTokenSelect(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, tokens, scores, k):
-        return g.op(f"{DOMAIN}::TopKTokenSelect", tokens, scores, k_i=k, outputs=2, **PLUGIN_ATTRS)
+        return _emit(g, "TopKTokenSelect", tokens, scores, k_i=k)
 
 
 class _TokenPrune(torch.autograd.Function):
@@ -96,8 +127,7 @@ class _TokenPrune(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, visual, scores, visual_valid, keep_count, merged, merged_valid, out_width):
-        return g.op(f"{DOMAIN}::TokenPrune", visual, scores, visual_valid, keep_count, merged, merged_valid,
-                    out_width, outputs=3, **PLUGIN_ATTRS)
+        return _emit(g, "TokenPrune", visual, scores, visual_valid, keep_count, merged, merged_valid, out_width)
 
 
 class _TokenRecycle(torch.autograd.Function):
@@ -107,9 +137,8 @@ class _TokenRecycle(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, visual, scores, visual_valid, keep_count):
-        return g.op(f"{DOMAIN}::TokenRecycle", visual, scores, visual_valid, keep_count, outputs=2,
-                    candidate_percent_i=token_ops.CANDIDATE_PERCENT, cluster_divisor_i=token_ops.CLUSTER_DIVISOR,
-                    **PLUGIN_ATTRS)
+        return _emit(g, "TokenRecycle", visual, scores, visual_valid, keep_count,
+                     candidate_percent_i=token_ops.CANDIDATE_PERCENT, cluster_divisor_i=token_ops.CLUSTER_DIVISOR)
 
 
 class OnnxOps:
@@ -135,16 +164,26 @@ ONNX_OPS = OnnxOps()
 # Function bodies traced from the reference
 # --------------------------------------------------------------------------------------
 
+_REFERENCES = {"TopKTokenSelect": token_ops.topk_token_select, "TokenPrune": token_ops.token_prune,
+               "TokenRecycle": token_ops.token_recycle}
+
+
 class _Reference(torch.nn.Module):
-    def __init__(self, fn, **attrs):
+    """The bool reference behind the op's boundary: int32 0/1 masks in and out."""
+
+    def __init__(self, op: str, **attrs):
         super().__init__()
-        self.fn, self.attrs = fn, attrs
+        self.fn, self.attrs = _REFERENCES[op], attrs
+        self.masks_in, self.masks_out = _mask_positions(op, "inputs"), _mask_positions(op, "outputs")
 
     def forward(self, *args):
-        return self.fn(*args, **self.attrs)
+        args = [a.bool() if i in self.masks_in else a for i, a in enumerate(args)]
+        outputs = self.fn(*args, **self.attrs)
+        return tuple(o.to(torch.int32) if i in self.masks_out else o for i, o in enumerate(outputs))
 
 
 def _example(op: str, dtype: torch.dtype):
+    """Example inputs (in schema order, masks as int32) and their dynamic axes."""
     batch, visual, dim = 2, 12, 8
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, visual, dim, generator=gen).to(dtype)
@@ -152,27 +191,23 @@ def _example(op: str, dtype: torch.dtype):
     valid = torch.ones(batch, visual, dtype=torch.bool)
     keep = torch.tensor([5, 7])
     if op == "TopKTokenSelect":
-        return (x, s), ["tokens", "scores"], {"tokens": {0: "B", 1: "N"}, "scores": {0: "B", 1: "N"}}
+        return (x, s), {"tokens": {0: "B", 1: "N"}, "scores": {0: "B", 1: "N"}}
+    axes = {"visual": {0: "B", 1: "V"}, "scores": {0: "B", 1: "V"}, "visual_valid": {0: "B", 1: "V"},
+            "keep_count": {0: "B"}}
     if op == "TokenRecycle":
-        return (x, s, valid, keep), ["visual", "scores", "visual_valid", "keep_count"], \
-            {"visual": {0: "B", 1: "V"}, "scores": {0: "B", 1: "V"}, "visual_valid": {0: "B", 1: "V"},
-             "keep_count": {0: "B"}}
+        return (x, s, valid.int(), keep), axes
     merged, merged_valid = token_ops.token_recycle(x, s, valid, keep)
-    return (x, s, valid, keep, merged, merged_valid, torch.zeros(9, dtype=torch.long)), \
-        ["visual", "scores", "visual_valid", "keep_count", "merged", "merged_valid", "out_width"], \
-        {"visual": {0: "B", 1: "V"}, "scores": {0: "B", 1: "V"}, "visual_valid": {0: "B", 1: "V"},
-         "keep_count": {0: "B"}, "merged": {0: "B", 1: "C"}, "merged_valid": {0: "B", 1: "C"}, "out_width": {0: "W"}}
-
-
-_REFERENCES = {"TopKTokenSelect": token_ops.topk_token_select, "TokenPrune": token_ops.token_prune,
-               "TokenRecycle": token_ops.token_recycle}
-_OUTPUTS = {"TopKTokenSelect": ["selected", "indices"], "TokenPrune": ["pruned", "pruned_valid", "source_index"],
-            "TokenRecycle": ["merged", "merged_valid"]}
+    return (x, s, valid.int(), keep, merged, merged_valid.int(), torch.zeros(9, dtype=torch.long)), \
+        {**axes, "merged": {0: "B", 1: "C"}, "merged_valid": {0: "B", 1: "C"}, "out_width": {0: "W"}}
 
 
 def function_body(op: str, dtype: torch.dtype, attrs: dict) -> onnx.FunctionProto:
-    """A FunctionProto for `op`, traced from the PyTorch reference with `attrs` baked in."""
-    args, names, axes = _example(op, dtype)
+    """A FunctionProto for `op` on float type `dtype` (T), traced from the PyTorch reference
+    with `attrs` baked in. T is fixed in the body (its casts back from float32 scoring are
+    typed), so a graph's body must be traced with that graph's T."""
+    args, axes = _example(op, dtype)
+    names = [p.name for p in _parameters(op, "inputs")]
+    outputs = [p.name for p in _parameters(op, "outputs")]
     fn_attrs = {"k": attrs["k"]} if op == "TopKTokenSelect" else {}
     if op == "TokenRecycle":
         fn_attrs = {"candidate_percent": attrs.get("candidate_percent", token_ops.CANDIDATE_PERCENT),
@@ -180,8 +215,7 @@ def function_body(op: str, dtype: torch.dtype, attrs: dict) -> onnx.FunctionProt
     if op == "TopKTokenSelect" and fn_attrs["k"] > args[0].shape[1]:
         args = tuple(a.repeat(1, -(-fn_attrs["k"] // a.shape[1]), *([1] * (a.dim() - 2))) for a in args)
     buffer = io.BytesIO()
-    outputs = _OUTPUTS[op]
-    torch.onnx.export(_Reference(_REFERENCES[op], **fn_attrs), args, buffer, dynamo=False,
+    torch.onnx.export(_Reference(op, **fn_attrs), args, buffer, dynamo=False,
                       opset_version=FUNCTION_OPSET, input_names=names, output_names=outputs,
                       dynamic_axes={**axes, **{o: {0: "B"} for o in outputs}}, do_constant_folding=False)
     graph = onnx.load_from_string(buffer.getvalue()).graph
@@ -191,14 +225,13 @@ def function_body(op: str, dtype: torch.dtype, attrs: dict) -> onnx.FunctionProt
                                 nodes, [helper.make_opsetid("", FUNCTION_OPSET)])
 
 
-def attach_functions(model: onnx.ModelProto) -> list[str]:
-    """Give every `sparsevlm` node of `model` its local-function body; returns the op types."""
+def attach_functions(model: onnx.ModelProto, dtype: torch.dtype) -> list[str]:
+    """Give every `sparsevlm` node of `model` its local-function body for float type `dtype`
+    (the graph's T: the exporter passes the model's dtype, since a graph traced without its
+    weights has no initializers to read it from); returns the op types."""
     register_schemas()
-    dtype = torch.float32
-    for init in model.graph.initializer:
-        if init.data_type == onnx.TensorProto.FLOAT16:
-            dtype = torch.float16
-            break
+    if dtype not in EXPORT_DTYPES.values():
+        raise ValueError(f"dtype: the op bodies support {sorted(EXPORT_DTYPES)}, got {dtype}")
     used = {}
     for node in model.graph.node:
         if node.domain == DOMAIN:
