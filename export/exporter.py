@@ -45,12 +45,12 @@ from sparsevlm.methods import modeling
 from sparsevlm.methods.files import atomic_directory, check_output_directory, is_toolkit_output
 from sparsevlm.methods.config import SparseVLMConfig, resolve
 from sparsevlm.methods.generation import TorchExecutor, decode_tokens, make_region_batch, prefill, SamplingParams
-from sparsevlm.methods.loading import config_sha256, load_model, resolve_pad_token_id
+from sparsevlm.methods.loading import DTYPES, config_sha256, load_model, resolve_pad_token_id
 from sparsevlm.methods.segments import DecodeStep, PrefillSegment, VisionEncoder, plan_segments
 
 from . import manifest as manifest_lib
 from . import profiles as profile_lib
-from .onnx_ops import DOMAIN, EXPORT_DTYPES, FUNCTION_OPSET, ONNX_OPS, OP_VERSION, attach_functions, register_schemas
+from .onnx_ops import DOMAIN, FUNCTION_OPSET, ONNX_OPS, OP_VERSION, attach_functions, register_schemas
 
 IR_VERSION = 10
 log = logging.getLogger(__name__)
@@ -186,13 +186,12 @@ def _trace(module, example: dict, output_names: list[str], path: Path, opset: in
 WEIGHTS_DIR = "weights"
 
 
-def _finish_graph(path: Path, parameters: dict[str, torch.Tensor], weight_names: dict,
-                  dtype: torch.dtype) -> tuple[list[str], int]:
+def _finish_graph(path: Path, parameters: dict[str, torch.Tensor], weight_names: dict) -> tuple[list[str], int]:
     """Attach function bodies, set the IR version, point the weights at `weights/`, check.
 
     Returns the custom ops used and the graph's size in bytes (proto + the weights it uses)."""
     model = onnx.load(str(path))  # traced with export_params=False: no weights inside, small
-    ops = attach_functions(model, dtype)  # op bodies typed for the graph's float type
+    ops = attach_functions(model)
     model.ir_version = IR_VERSION
     weight_bytes = _external_weights(model, parameters, weight_names, path)
     onnx.save_model(model, str(path))
@@ -294,7 +293,7 @@ def export_artifact(model, location: str, config: SparseVLMConfig, out: Path, *,
             t0 = time.perf_counter()
             parameters = _trace(module, recorded[name], output_names, path, opset, segment_of_layer,
                                 decode=name == "decode")
-            ops, size = _finish_graph(path, parameters, weight_names, model.dtype)
+            ops, size = _finish_graph(path, parameters, weight_names)
             inputs, outputs = _io_table(path)
             table[name] = {"file": path.name, "bytes": size, "inputs": inputs, "outputs": outputs,
                            "output_names": dict(zip([o["name"] for o in outputs], output_names)),
@@ -317,7 +316,6 @@ def export_artifact(model, location: str, config: SparseVLMConfig, out: Path, *,
                       "hidden_size": text.hidden_size, "intermediate_size": text.intermediate_size,
                       "vocab_size": text.vocab_size, "image_token_id": model.config.image_token_id,
                       "image_size": model.config.vision_config.image_size, "num_visual": plan.num_visual,
-                      "max_position_embeddings": getattr(text, "max_position_embeddings", None),
                       "pad_token_id": resolve_pad_token_id(model.config, processor_dir),
                       "processor": "processor" if processor_dir else None},
             "method": config.to_dict(), "trace_method": plan.trace_method(), "prune_layers": list(plan.prune_layers),
@@ -359,12 +357,22 @@ def check_opset(opset: int) -> None:
                           f"bodies do not exist; above {highest} torch's exporter cannot write), got {opset}")
 
 
-def load_calibration(path: str | Path, plan, torch_model) -> list:
+def load_calibration(path: str | Path) -> tuple[dict, list]:
+    """A calibration.json's content and its bucket lists in segment order, its shape checked
+    (sparsevlm.calibration.store.read_calibration); `calibration_buckets` also checks that
+    it fits an export."""
+    from sparsevlm.calibration.store import read_calibration
+    data = read_calibration(path)
+    segments = sorted(data["segments"], key=lambda s: s["index"])
+    return data, [[list(b) for b in s["buckets"]] for s in segments]
+
+
+def calibration_buckets(path: str | Path, plan, torch_model) -> list:
     """The buckets of a calibration.json checked against this export's model and method
     (sparsevlm.calibration.store.check_calibration)."""
-    from sparsevlm.calibration.store import check_calibration, read_calibration
+    from sparsevlm.calibration.store import check_calibration
     vision_width = plan.fastervlm_keep if plan.method == "fastervlm" else plan.num_visual
-    return check_calibration(read_calibration(path), path, plan.config.to_dict(), config_sha256(torch_model),
+    return check_calibration(load_calibration(path)[0], path, plan.config.to_dict(), config_sha256(torch_model),
                              len(plan.prune_layers), vision_width, profile_lib.static_widths(plan))
 
 
@@ -374,8 +382,8 @@ def export(model: str, out: str | Path, method: str = "sparsevlm", variant: str 
            progress: bool = True, **method_options) -> list[dict]:
     """Python API of `sparsevlm-export`: one artifact per budget (`out` itself for a single
     budget, `out/b<budget>` for several). Returns the manifests."""
-    if dtype not in EXPORT_DTYPES:  # bfloat16: see EXPORT_DTYPES (no ONNX Runtime CPU kernels)
-        raise ValueError(f"--dtype: expected one of {', '.join(sorted(EXPORT_DTYPES))}, got {dtype!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
     check_opset(opset)
     budgets = list(budgets) if budgets else [None]
     duplicates = sorted({b for b in budgets if budgets.count(b) > 1 and b is not None})
@@ -386,14 +394,13 @@ def export(model: str, out: str | Path, method: str = "sparsevlm", variant: str 
     for target in targets:  # every output location, before the model loads
         check_output_directory(target, overwrite, is_artifact)
     if calibration:
-        from sparsevlm.calibration.store import read_calibration
-        read_calibration(calibration)  # its shape now; its model and method once the model is loaded
+        load_calibration(calibration)  # its shape now; its model and method once the model is loaded
         if len(configs) > 1:
             raise OptionError("--calibration: a calibration holds for one method setting; export one --budget with it")
     torch_model, location = load_model(model, dtype=dtype, random_weights=random_weights)
     plans = [resolve(config, torch_model.config.text_config.num_hidden_layers, modeling.num_visual_tokens(torch_model))
              for config in configs]  # every budget is valid before anything is written
-    buckets = load_calibration(calibration, plans[0], torch_model) if calibration else None
+    buckets = calibration_buckets(calibration, plans[0], torch_model) if calibration else None
     processor_dir = location if Path(location).is_dir() else None
     manifests = []
     for config, target in zip(configs, targets):
@@ -439,8 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reduction", type=float, help="FasterVLM: share of visual tokens removed (0.75/0.90/0.95)")
     p.add_argument("--fastv-k", dest="K", type=int, default=None, help="FastV: prune after layer K-1 (default 2)")
     p.add_argument("--fastv-r", dest="R", type=float, help="FastV: share R of visual tokens removed")
-    p.add_argument("--dtype", default="float32", choices=sorted(EXPORT_DTYPES),
-                   help="weights and activations dtype (bfloat16 is not offered: ONNX Runtime has no CPU kernels for it)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights and activations dtype")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--opset", type=int, default=FUNCTION_OPSET, help=f"ONNX opset (default {FUNCTION_OPSET})")
     p.add_argument("--random-weights", action="store_true",
