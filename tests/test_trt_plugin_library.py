@@ -324,3 +324,65 @@ def test_static_variant_registers_in_sparsevlm_namespace(lean):
     else:
         # Other major version: the registrar must refuse (its registry vtable differs) instead of crashing.
         assert report == {"before": [False] * 4, "after": [False] * 4, "empty_namespace": [False] * 4}
+
+
+# Build, then run, in one process, and two pipelines side by side: the lean runtime's registry
+# returns None for a library it already holds, which the shared loader must not take for a
+# failure. The executors use the real registry and fake engines (tests/test_trt_executor.py).
+DOUBLE_LOAD_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    import tensorrt_lean_bindings as lean
+    from sparsevlm import trt_plugins
+    from sparsevlm.export import trt_build
+    from sparsevlm.runtime.backends import TensorRTExecutor
+    sys.path.insert(0, sys.argv[4])
+    from test_trt_executor import RecordingOrder, fake_artifact, fake_engines, fake_tensorrt
+
+    library, broken, scratch = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    registry = lean.get_plugin_registry()
+    report = {}
+    try:
+        trt_plugins.load_plugin_library(registry, broken)
+        report["broken"] = "loaded"
+    except trt_plugins.PluginLibraryError as error:
+        report["broken"] = str(error)
+    report["build"] = str(trt_build.load_plugin_library(lean, library))
+    report["registry_second_load"] = repr(registry.load_library(library))
+    log = []
+    trt = fake_tensorrt(fake_engines(log), registry, log)
+    artifact = fake_artifact(scratch)
+    pipelines = [TensorRTExecutor(artifact, library, tensorrt=trt, device="cpu", stream_order=RecordingOrder(log))
+                 for _ in range(2)]
+    report["pipelines"] = len(pipelines)
+    report["creators"] = [registry.get_creator(n, "1", "sparsevlm") is not None for n in trt_plugins.PLUGIN_NAMES]
+    print(json.dumps(report))
+""")
+
+OTHER_CODE_FIRST_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import tensorrt_lean_bindings as lean
+    from sparsevlm.export import trt_build
+
+    registry = lean.get_plugin_registry()
+    first = registry.load_library(sys.argv[1])  # e.g. the user's own code, before sparsevlm-build
+    print(json.dumps({"first": first is not None, "build": str(trt_build.load_plugin_library(lean, sys.argv[1]))}))
+""")
+
+
+def test_lean_registry_second_load_is_not_a_failure(lean, tmp_path):
+    library = str(lean / LIBRARY_NAME)
+    broken = tmp_path / "libbroken.so"
+    broken.write_bytes(b"\x7fELF not really")
+    report = _run_json(DOUBLE_LOAD_SCRIPT, library, str(broken), str(tmp_path / "artifact"),
+                       str(Path(__file__).parent))
+    assert report["broken"].startswith(f"TensorRT could not load the plugin library {broken}: the registry still "
+                                       "lacks TopKTokenSelect, TokenPrune, TokenRecycle, RankKeepCount")
+    assert report["build"] == library
+    assert report["registry_second_load"] == "None"  # what the registry answers a second load
+    assert report["pipelines"] == 2 and report["creators"] == [True] * 4
+
+
+def test_lean_registry_library_loaded_by_other_code_is_accepted(lean):
+    library = str(lean / LIBRARY_NAME)
+    assert _run_json(OTHER_CODE_FIRST_SCRIPT, library) == {"first": True, "build": library}
