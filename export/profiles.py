@@ -3,8 +3,10 @@
 Every dynamic dimension of every graph has a name (`batch`, `prefix_len`, `text_len`,
 `visual_in`, `visual_width`, `seq_in`, `past_len_<s>`, ...). A profile maps each name to
 [min, opt, max]. Segments that start by pruning get one profile per bucket of their
-`visual_width` (from calibration, or defaults derived from the method); the other
-dimensions share the ranges below.
+`visual_width` (from calibration, or defaults derived from the method); their inputs
+(`visual_in`, `seq_in`) span what the previous segment outputs, and each decode cache
+(`past_len_<s>`) what segment s's layers hold plus MAX_NEW_TOKENS generated tokens. The
+prompt regions share the ranges below.
 """
 
 from __future__ import annotations
@@ -46,26 +48,30 @@ def _span(buckets: list[list[int]]) -> list[int]:
 
 
 def graph_profiles(plan: PrunePlan, num_segments: int, vision_width: int, buckets: list[list[list[int]]]) -> dict:
-    """{graph name: [profile, ...]} for the vision, segment and decode graphs."""
+    """{graph name: [profile, ...]} for the vision, segment and decode graphs.
+
+    `region[s]` is the visual width segment s's layers run at: the vision width for s = 0,
+    for s >= 1 the span of its buckets (the runtime runs a width inside one of them, padded
+    up to a bucket's min at most). So segment s >= 1 receives `visual_in` and `seq_in` at
+    segment s-1's region width, and its layers cache prefix + region[s] + text tokens, to
+    which decoding appends up to MAX_NEW_TOKENS: that bounds `past_len_<s>`.
+    """
     prefix, text = SHARED_RANGES["prefix_len"], SHARED_RANGES["text_len"]
     shared = {"batch": SHARED_RANGES["batch"], "prefix_len": prefix, "text_len": text}
+    region = [[vision_width] * 3] + [_span(b) for b in buckets]  # one per segment
+
+    def sequence(visual: list[int]) -> list[int]:
+        return [prefix[i] + visual[i] + text[i] for i in range(3)]
+
     profiles = {"vision": [{"batch": SHARED_RANGES["batch"]}]}
-    widths_in = [[vision_width] * 3]  # visual width entering each segment
-    for index in range(num_segments):
-        visual_in = widths_in[index]
-        seq_in = [prefix[i] + visual_in[i] + text[i] for i in range(3)]
-        if index == 0:
-            profiles["segment_0"] = [{**shared, "visual_len": visual_in, "seq_in": seq_in}]
-        else:
-            profiles[f"segment_{index}"] = [{**shared, "visual_in": visual_in, "seq_in": seq_in, "visual_width": b}
-                                            for b in buckets[index - 1]]
-        if index < len(buckets):
-            widths_in.append(_span(buckets[index]))
+    profiles["segment_0"] = [{**shared, "visual_len": region[0], "seq_in": sequence(region[0])}]
+    for index in range(1, num_segments):
+        visual_in = region[index - 1]  # the previous segment's output
+        profiles[f"segment_{index}"] = [{**shared, "visual_in": visual_in, "seq_in": sequence(visual_in),
+                                         "visual_width": bucket} for bucket in buckets[index - 1]]
     decode = {"batch": SHARED_RANGES["batch"]}
     for index in range(num_segments):
-        width = widths_in[index + 1] if index + 1 < len(widths_in) else widths_in[index]
-        visual = widths_in[index] if index == 0 else width
-        decode[f"past_len_{index}"] = [1, prefix[1] + visual[1] + text[1],
-                                       prefix[2] + max(visual[2], width[2]) + text[2] + MAX_NEW_TOKENS]
+        _, opt, high = sequence(region[index])
+        decode[f"past_len_{index}"] = [1, opt, high + MAX_NEW_TOKENS]
     profiles["decode"] = [decode]
     return profiles
