@@ -51,6 +51,10 @@ class CheckpointError(ValueError):
     """The checkpoint exists but is not a usable LLaVA checkpoint (the message says why)."""
 
 
+class DeviceError(ValueError):
+    """The requested torch device does not exist on this machine."""
+
+
 # Pad positions are always masked (left-padded prefix, right-padded text, finished rows), so
 # the pad id only has to be a valid embedding row; 0 is one when no config or tokenizer names one.
 FALLBACK_PAD_TOKEN_ID = 0
@@ -91,15 +95,15 @@ def check_device(device: str) -> str:
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError):
-        raise CheckpointError(f"device: {device!r} is not a torch device (expected cpu, cuda, cuda:N)") from None
+        raise DeviceError(f"device: {device!r} is not a torch device (expected cpu, cuda, cuda:N)") from None
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
-            raise CheckpointError(f"device: {device!r} needs a CUDA GPU, and torch sees none here "
+            raise DeviceError(f"device: {device!r} needs a CUDA GPU, and torch sees none here "
                                   f"(torch {torch.__version__}); use --device cpu")
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise CheckpointError(f"device: {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+            raise DeviceError(f"device: {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
     elif parsed.type != "cpu":
-        raise CheckpointError(f"device: {device!r} is not supported (expected cpu or cuda)")
+        raise DeviceError(f"device: {device!r} is not supported (expected cpu or cuda)")
     return device
 
 

@@ -2,8 +2,11 @@
 
 Every user-caused failure must end with exit status 2, no traceback, a last stderr line
 `<command>: error: ...` naming the input, and nothing lost or half-written (the user's files
-still there, no partial artifact). Most cases fail before any model loads; the cases that
-need a real export use the fastest method (FasterVLM: three graphs) once.
+still there, no partial artifact). Each defect is reproduced through the installed command
+in a subprocess; further variants of the same defect call the same `main` in process
+(`in_process`), which goes through the same failure wrapper, to keep the suite fast (a
+subprocess pays torch's import). Most cases fail before any model loads; the cases that need
+a real export use the fastest method (FasterVLM: three graphs).
 """
 
 from __future__ import annotations
@@ -38,6 +41,15 @@ def cli(command: str, *args, cwd=None, umask: int | None = None, timeout: int = 
 _MODULES = {"sparsevlm-export": "sparsevlm.export.exporter", "sparsevlm-run": "sparsevlm.runtime.cli",
             "sparsevlm-calibrate": "sparsevlm.calibration.cli", "sparsevlm-build": "sparsevlm.export.trt_build",
             "sparsevlm-triton": "sparsevlm.runtime.triton_repo"}
+
+
+def in_process(command: str, *args, capsys) -> subprocess.CompletedProcess:
+    """The command's `main` called here (same wrapper as the installed script), as a CompletedProcess."""
+    import importlib
+    capsys.readouterr()
+    code = importlib.import_module(_MODULES[command]).main(list(map(str, args)))
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess([command, *args], code, captured.out, captured.err)
 
 
 def assert_user_error(result: subprocess.CompletedProcess, command: str, *names: str) -> str:
@@ -139,7 +151,7 @@ def test_pad_id_resolution_order(demo_dir, tmp_path):
 
 @pytest.mark.parametrize("case", ["missing_lm_head", "extra_tensor", "wrong_shape", "truncated", "random_bytes",
                                   "bad_config_json"])
-def test_damaged_checkpoint_is_refused_naming_the_problem(case, demo_dir, tmp_path):
+def test_damaged_checkpoint_is_refused_naming_the_problem(case, demo_dir, tmp_path, capsys):
     """Before: a missing lm_head exported with exit 0 and a random head; the others traced back."""
     import torch
     target = tmp_path / "ckpt"
@@ -163,7 +175,9 @@ def test_damaged_checkpoint_is_refused_naming_the_problem(case, demo_dir, tmp_pa
         (target / "config.json").write_text('{"model_type": "llava", "text_config": {')
         expected = ["config.json", "not valid JSON"]
     out = tmp_path / "art"
-    result = cli("sparsevlm-export", "--model", target, "--method", "fastervlm", "--budget", 64, "--out", out, "--quiet")
+    args = ["--model", target, "--method", "fastervlm", "--budget", 64, "--out", out, "--quiet"]
+    result = (cli("sparsevlm-export", *args) if case == "missing_lm_head"
+              else in_process("sparsevlm-export", *args, capsys=capsys))
     assert_user_error(result, "sparsevlm-export", *expected)
     assert not out.exists()
     no_partial_outputs(tmp_path)
@@ -290,11 +304,13 @@ def test_ctrl_c_during_export_leaves_nothing_and_exits_130(demo_dir, tmp_path):
     (["--opset", "21"], ["--opset", "21"]),
     (["--opset", "12"], ["--opset", "12"]),
 ])
-def test_export_option_errors(args, named, tmp_path):
+def test_export_option_errors(args, named, tmp_path, capsys):
     """Before: the first three were ignored but recorded in the manifest; the duplicate budget
     failed with a misleading 'already exists' after exporting one; opset 21 traced back."""
     out = tmp_path / "out"
-    result = cli("sparsevlm-export", "--model", "demo", "--out", out, "--quiet", *args)
+    argv = ["--model", "demo", "--out", out, "--quiet", *args]
+    result = (cli("sparsevlm-export", *argv) if "--reduction" in args
+              else in_process("sparsevlm-export", *argv, capsys=capsys))
     assert_user_error(result, "sparsevlm-export", *named)
     assert not out.exists()
 
@@ -323,7 +339,7 @@ def demo_config_hash(demo_dir):
 
 @pytest.mark.parametrize("case", ["min_above_max", "empty_buckets", "above_visual_count", "another_model",
                                   "not_json"])
-def test_bad_calibration_file_refused(case, demo_dir, demo_config_hash, tmp_path):
+def test_bad_calibration_file_refused(case, demo_dir, demo_config_hash, tmp_path, capsys):
     """Before: nonsense buckets were accepted (every request then failed), empty ones crashed,
     a file from another model was taken silently."""
     good = [[[1, 100, 200], [201, 300, 576]]] * 4
@@ -344,8 +360,9 @@ def test_bad_calibration_file_refused(case, demo_dir, demo_config_hash, tmp_path
         path.write_text("{\"schema\": ")
         named = ["not valid JSON"]
     out = tmp_path / "out"
-    result = cli("sparsevlm-export", "--model", demo_dir, "--variant", "v1.0", "--budget", 192,
-                 "--calibration", path, "--out", out, "--quiet")
+    args = ["--model", demo_dir, "--variant", "v1.0", "--budget", 192, "--calibration", path, "--out", out, "--quiet"]
+    result = (cli("sparsevlm-export", *args) if case == "another_model"
+              else in_process("sparsevlm-export", *args, capsys=capsys))
     assert_user_error(result, "sparsevlm-export", str(path), *named)
     assert not out.exists()
     no_partial_outputs(tmp_path)
@@ -365,15 +382,15 @@ def test_calibrate_unwritable_out_refused_before_the_work(demo_dir):
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a CUDA GPU")
-def test_calibrate_cuda_without_gpu(demo_dir, tmp_path):
-    result = cli("sparsevlm-calibrate", "--model", demo_dir, "--synthetic", 2, "--out", tmp_path / "c",
-                 "--device", "cuda")
+def test_calibrate_cuda_without_gpu(demo_dir, tmp_path, capsys):
+    result = in_process("sparsevlm-calibrate", "--model", demo_dir, "--synthetic", 2, "--out", tmp_path / "c",
+                        "--device", "cuda", capsys=capsys)
     assert_user_error(result, "sparsevlm-calibrate", "'cuda'", "GPU")
 
 
-def test_calibrate_option_that_does_not_apply(demo_dir, tmp_path):
-    result = cli("sparsevlm-calibrate", "--model", demo_dir, "--variant", "v1.5", "--budget", 192,
-                 "--scale", 3, "--synthetic", 2, "--out", tmp_path / "c")
+def test_calibrate_option_that_does_not_apply(demo_dir, tmp_path, capsys):
+    result = in_process("sparsevlm-calibrate", "--model", demo_dir, "--variant", "v1.5", "--budget", 192,
+                        "--scale", 3, "--synthetic", 2, "--out", tmp_path / "c", capsys=capsys)
     assert_user_error(result, "sparsevlm-calibrate", "--scale", "v1.5")
     assert not (tmp_path / "c").exists()
 
@@ -395,19 +412,20 @@ def _copy_with_manifest(artifact: Path, target: Path, edit) -> Path:
 
 
 @pytest.mark.parametrize("case", ["list", "extra_method_field", "missing_model_field"])
-def test_run_with_a_misshapen_manifest(case, artifact, tmp_path):
+def test_run_with_a_misshapen_manifest(case, artifact, tmp_path, capsys):
     """Before: AttributeError / TypeError / KeyError tracebacks."""
     edits = {"list": lambda m: [m], "extra_method_field": lambda m: {**m, "method": {**m["method"], "alpha": 1}},
              "missing_model_field": lambda m: {**m, "model": {k: v for k, v in m["model"].items() if k != "num_visual"}}}
     named = {"list": "expected an object", "extra_method_field": "alpha", "missing_model_field": "model.num_visual"}
     broken = _copy_with_manifest(artifact, tmp_path / "art", edits[case])
     image = Path(__file__).resolve().parents[1] / "examples" / "shapes.png"
-    result = cli("sparsevlm-run", "--artifact", broken, "--image", image, "--prompt", "What is it?")
+    args = ["--artifact", broken, "--image", image, "--prompt", "What is it?"]
+    result = cli("sparsevlm-run", *args) if case == "extra_method_field" else in_process("sparsevlm-run", *args, capsys=capsys)
     assert_user_error(result, "sparsevlm-run", "manifest.json", named[case])
 
 
 @pytest.mark.parametrize("case", ["trace_json_unwritable", "cuda_without_gpu"])
-def test_run_checks_before_the_work(case, artifact, tmp_path):
+def test_run_checks_before_the_work(case, artifact, tmp_path, capsys):
     """Before: the trace file failed only after the whole run; --device cuda traced back."""
     import torch
     if case == "cuda_without_gpu" and torch.cuda.is_available():
@@ -415,7 +433,8 @@ def test_run_checks_before_the_work(case, artifact, tmp_path):
     image = Path(__file__).resolve().parents[1] / "examples" / "shapes.png"
     extra = (["--trace-json", UNWRITABLE / "t.json"] if case == "trace_json_unwritable"
              else ["--backend", "torch", "--device", "cuda"])
-    result = cli("sparsevlm-run", "--artifact", artifact, "--image", image, "--prompt", "What is it?", *extra)
+    args = ["--artifact", artifact, "--image", image, "--prompt", "What is it?", *extra]
+    result = cli("sparsevlm-run", *args) if case == "trace_json_unwritable" else in_process("sparsevlm-run", *args, capsys=capsys)
     last = assert_user_error(result, "sparsevlm-run")
     assert (str(UNWRITABLE) in last) if case == "trace_json_unwritable" else ("'cuda'" in last)
     assert "answer:" not in result.stdout  # refused before the run, not after it
