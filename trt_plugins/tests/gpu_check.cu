@@ -2,9 +2,17 @@
 // same per-element functions run serially), for float32 and float16. The CPU path itself is
 // checked against the PyTorch reference by tests/test_trt_plugin_kernels.py, so together they
 // check the real kernels against the reference. No TensorRT needed.
-// Build: nvcc -std=c++17 -arch=sm_80 gpu_check.cu ../*/*_kernel.cu -o gpu_check
+// Build: nvcc -std=c++17 -O2 -arch=sm_80 gpu_check.cu ../*/*_kernel.cu -o gpu_check
+//
+//   gpu_check                      small shapes, edge cases (k = 0, k = N, W below and above
+//                                  the kept count, rank-deficient rows)
+//   gpu_check --llava              LLaVA-1.5-7B shapes (llava_cases.h): every launcher against
+//                                  the CPU path, timed (CUDA events), one table row per case
+//   gpu_check --llava --dry-run    no device: the CPU path at those shapes, checked by brute
+//                                  force, and the table with "n/a (dry run)" times
+//   --warmup N / --runs N          timing (default 3 warm-up runs, median of 20)
 // Prints one line per failed check and "gpu_check: N checks, F failed"; exits 0 iff F == 0,
-// 77 when no CUDA device is present.
+// 77 when no CUDA device is present (except in --dry-run).
 #include "../RankKeepCount/rank_keep_count_kernel.h"
 #include "../TokenPrune/token_prune_kernel.h"
 #include "../TokenRecycle/token_recycle_kernel.h"
@@ -14,12 +22,14 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "check.h"
+#include "llava_cases.h"
 
 using namespace sparsevlm;
 
@@ -283,15 +293,95 @@ void checkRank(char const* typeName)
     check(wantRank[1] <= 5 && wantRank[2] <= 1, label + ": constructed ranks are deficient");
 }
 
+// The LLaVA-1.5-7B cases through the launchers (the table's "kernel" rows).
+cudaError_t launchCase(sparsevlm_tests::Case const& c, sparsevlm_tests::DeviceTensors& d, cudaStream_t stream)
+{
+    using sparsevlm_tests::Op;
+    std::vector<void*> const& in = d.inputs;
+    std::vector<void*> const& out = d.outputs;
+    switch (c.op)
+    {
+    case Op::kTopK:
+        return launchTopKTokenSelect(c.type, in[0], in[1], out[0], static_cast<int64_t*>(out[1]), c.batch,
+            c.inputs[0].shape[1], c.inputs[0].shape[2], c.k, d.workspace, stream);
+    case Op::kPrune:
+        return launchTokenPrune(c.type, in[0], in[1], static_cast<int32_t const*>(in[2]),
+            static_cast<int64_t const*>(in[3]), in[4], static_cast<int32_t const*>(in[5]), out[0],
+            static_cast<int32_t*>(out[1]), static_cast<int64_t*>(out[2]), c.pruneShape, d.workspace, stream);
+    case Op::kRecycle:
+        return launchTokenRecycle(c.type, in[0], in[1], static_cast<int32_t const*>(in[2]),
+            static_cast<int64_t const*>(in[3]), out[0], static_cast<int32_t*>(out[1]), c.recycleShape, d.workspace,
+            stream);
+    case Op::kRank:
+        return launchRankKeepCount(c.type, in[0], static_cast<int32_t const*>(in[1]),
+            static_cast<int32_t const*>(in[2]), static_cast<int64_t*>(out[0]), static_cast<int64_t*>(out[1]),
+            c.rankShape, c.rankParams, d.workspace, stream);
+    }
+    return cudaErrorInvalidValue;
+}
+
+void runLlavaCases(bool dryRun, int warmup, int runs)
+{
+    sparsevlm_tests::printTableHeader("gpu_check", "kernel launchers",
+        dryRun ? " (dry run: the CPU path, checked by brute force; no device code)" : "", warmup, runs);
+    sparsevlm_tests::forEachCase(true,
+        [&](sparsevlm_tests::Case const& c)
+        {
+            sparsevlm_tests::Timing timing;
+            if (!dryRun)
+            {
+                timing = sparsevlm_tests::runAndTime(c, "kernel " + sparsevlm_tests::rowLabel(c), warmup, runs,
+                    [&](sparsevlm_tests::DeviceTensors& d, cudaStream_t stream) { return launchCase(c, d, stream); });
+            }
+            sparsevlm_tests::printRow("kernel", c, timing, dryRun);
+        });
+}
+
 } // namespace
 
-int main()
+int main(int argc, char** argv)
 {
+    bool llava = false;
+    bool dryRun = false;
+    int warmup = 3;
+    int runs = 20;
+    for (int i = 1; i < argc; ++i)
+    {
+        std::string const arg = argv[i];
+        if (arg == "--llava")
+        {
+            llava = true;
+        }
+        else if (arg == "--dry-run")
+        {
+            dryRun = true;
+        }
+        else if ((arg == "--warmup" || arg == "--runs") && i + 1 < argc && std::atoi(argv[i + 1]) > 0)
+        {
+            (arg == "--warmup" ? warmup : runs) = std::atoi(argv[++i]);
+        }
+        else
+        {
+            std::fprintf(stderr, "gpu_check: unknown argument %s; usage: gpu_check [--llava [--dry-run] "
+                                 "[--warmup N] [--runs N]]\n", argv[i]);
+            return 2;
+        }
+    }
+    if (dryRun && !llava)
+    {
+        std::fprintf(stderr, "gpu_check: --dry-run needs --llava\n");
+        return 2;
+    }
     int devices = 0;
-    if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0)
+    if (!dryRun && (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0))
     {
         std::printf("gpu_check: no CUDA device\n");
         return 77;
+    }
+    if (llava)
+    {
+        runLlavaCases(dryRun, warmup, runs);
+        return sparsevlm_tests::report("gpu_check");
     }
     checkTopK<float>("float32");
     checkTopK<__half>("float16");
