@@ -10,7 +10,6 @@ Every problem is reported before any model runs, naming the file and line.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import random
 from dataclasses import dataclass
@@ -19,7 +18,8 @@ from typing import Callable
 
 from PIL import Image, ImageDraw
 
-IMAGE_PLACEHOLDER = "<image>"
+from sparsevlm.methods.generation import InputError
+from sparsevlm.methods.inputs import IMAGE_PLACEHOLDER, load_image
 SYNTHETIC_VERSION = 1  # bump when the generator changes, so resumed runs do not mix sets
 SYNTHETIC_SIZE = 336
 
@@ -55,12 +55,12 @@ def _check_prompt(prompt: str, raw_prompts: bool, origin: str) -> None:
 
 
 def _decode_image(data: bytes, path: Path, origin: str) -> Image.Image:
+    """The image as every entry point decodes it (sparsevlm.methods.inputs.load_image: size
+    limits, EXIF orientation, 16-bit / float / alpha conversion to 8-bit RGB)."""
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-        return image.convert("RGB")
-    except Exception as error:  # PIL raises many types for a bad file
-        raise CalibrationDataError(f"{origin}: image {path} is not a readable image ({error})") from error
+        return load_image(data, "the file")
+    except InputError as error:
+        raise CalibrationDataError(f"{origin}: image {path} is not a readable image ({error})") from None
 
 
 def _image_loader(path: Path, origin: str) -> Callable[[], Image.Image]:

@@ -136,7 +136,8 @@ def resolve(config: SparseVLMConfig, num_layers: int, num_visual: int = 576) -> 
     c = config
     _require(c.method in METHODS, f"method: expected one of {METHODS}, got {c.method!r}")
     if c.budget is not None:
-        _require(isinstance(c.budget, int) and c.budget > 0,
+        # bool is an int subclass: budget=True would silently mean one token.
+        _require(isinstance(c.budget, int) and not isinstance(c.budget, bool) and c.budget > 0,
                  f"budget: expected a positive integer, got {c.budget!r}")
         _require(c.budget <= num_visual,
                  f"budget: {c.budget} is larger than the model's {num_visual} visual tokens")

@@ -3,7 +3,6 @@ segments. The generation loop itself is the one in sparsevlm.methods.generation.
 
 from __future__ import annotations
 
-import io
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -14,30 +13,12 @@ from typing import Iterator
 import torch
 
 from sparsevlm.methods import generation
-from sparsevlm.methods.generation import InputError, SamplingParams
-from sparsevlm.methods.model import prepare_inputs
+from sparsevlm.methods.generation import SamplingParams
+from sparsevlm.methods.inputs import InputBounds, load_image, prepare_inputs  # noqa: F401 - load_image: API
 
 from .artifact import Artifact
 from .backends import BACKENDS, OnnxRuntimeExecutor, TensorRTExecutor, torch_executor
 from .profiles import ProfilePlanner
-
-
-def load_image(image):
-    """A PIL RGB image from a PIL image, a file path or encoded bytes; InputError otherwise."""
-    from PIL import Image, UnidentifiedImageError
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    try:
-        if isinstance(image, (bytes, bytearray, memoryview)):
-            source, name = io.BytesIO(bytes(image)), f"image bytes ({len(image)} bytes)"
-        else:
-            source, name = Path(image), f"image file {image}"
-            if not source.exists():
-                raise InputError(f"{name} does not exist")
-        with Image.open(source) as opened:
-            return opened.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise InputError(f"{name} is not a decodable image ({type(error).__name__})") from None
 
 
 @dataclass
@@ -60,6 +41,9 @@ class Pipeline:
         # What the accounting needs of the language model (FLOPs per layer), from the manifest.
         self.text_shape = SimpleNamespace(num_hidden_layers=info["num_layers"], hidden_size=info["hidden_size"],
                                           intermediate_size=info["intermediate_size"])
+        # What a request may contain (docs/inputs.md): the profiles' prefix/text lengths, the
+        # decode profile's new tokens, the vocabulary, the model's positions.
+        self.bounds = InputBounds.from_manifest(artifact.manifest, self.processor)
 
     @classmethod
     def load(cls, artifact_dir: str | Path, backend: str = "onnxruntime", *, model: str | None = None,
@@ -87,8 +71,13 @@ class Pipeline:
 
     def generate_ids(self, input_ids: list[list[int]], pixel_values: torch.Tensor, params: SamplingParams,
                      on_token=None) -> generation.GenerationOutput:
-        self.planner.reset()
+        """Generate from token ids and pixel values (checked against `self.bounds` first)."""
         info = self.model_info
+        input_ids = self.bounds.check_ids(input_ids)
+        self.bounds.check_new_tokens(params.max_new_tokens)
+        self.bounds.check_lengths(input_ids, params.max_new_tokens)
+        self.bounds.check_pixel_values(pixel_values, len(input_ids), info["image_size"])
+        self.planner.reset()
         out = generation.generate(self.executor, self.artifact.plan, input_ids, pixel_values,
                                   image_token_id=info["image_token_id"], image_size=info["image_size"],
                                   text_config=self.text_shape, params=params, pad_id=info["pad_token_id"],
@@ -96,14 +85,30 @@ class Pipeline:
         out.profiles = [c.to_json() for c in self.planner.choices]
         return out
 
+    def prepare(self, images, prompts: list[str], max_new_tokens: int = 32) -> dict:
+        """Check and encode requests (docs/inputs.md): InputError naming the input and row for
+        a bad image, prompt or length, before any graph runs. The Triton model checks each
+        request with this, so one bad request never fails the others of its batch."""
+        max_new_tokens = self.bounds.check_new_tokens(max_new_tokens)
+        return prepare_inputs(self.processor, images, prompts, bounds=self.bounds, max_new_tokens=max_new_tokens)
+
     def generate(self, images, prompts: list[str], max_new_tokens: int = 32, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, stop_token_ids=None, on_token=None) -> RunOutput:
-        images = [load_image(i) for i in images]
+        return self.generate_prepared([self.prepare(images, prompts, max_new_tokens)], max_new_tokens, temperature,
+                                      top_p, seed, stop_token_ids, on_token)
+
+    def generate_prepared(self, prepared: list[dict], max_new_tokens: int = 32, temperature: float = 0.0,
+                          top_p: float = 1.0, seed: int | None = None, stop_token_ids=None,
+                          on_token=None) -> RunOutput:
+        """`generate` for requests already checked and encoded by `prepare`, run as one batch
+        (their rows in order). Each image and prompt is encoded on its own, so this is the
+        batch `generate` would build from the same rows."""
+        input_ids = [ids for inputs in prepared for ids in inputs["input_ids"]]
+        pixel_values = torch.cat([inputs["pixel_values"] for inputs in prepared])
         tokenizer = self.processor.tokenizer
         stops = tuple(stop_token_ids) if stop_token_ids is not None else (tokenizer.eos_token_id,)
         params = SamplingParams(max_new_tokens, temperature, top_p, seed, stops)
-        inputs = prepare_inputs(self.processor, images, prompts)
-        out = self.generate_ids(inputs["input_ids"], inputs["pixel_values"], params, on_token)
+        out = self.generate_ids(input_ids, pixel_values, params, on_token)
         token_ids = [_until_stop(row, stops) for row in out.sequences.tolist()]
         return RunOutput(texts=tokenizer.batch_decode(token_ids, skip_special_tokens=True), token_ids=token_ids,
                          kept_per_layer=[[layer["keep_count"][row] for layer in out.trace["layers"]]

@@ -159,12 +159,17 @@ def project_site_dirs() -> list[str]:
     return dirs
 
 
-def read_artifact_manifest(artifact: Path) -> dict:
+def check_artifact(artifact: Path) -> dict:
+    """The artifact's manifest, after the checks the server's models would make when they
+    load (schema, every file against its checksum, a valid method): a corrupted artifact is
+    refused here, with the cause, instead of failing inside the server. RepoError otherwise."""
+    from sparsevlm.runtime.artifact import Artifact
+
     try:
-        from sparsevlm.export.manifest import read_manifest
-    except ImportError:  # pragma: no cover - the exporter is part of this package
-        return json.loads((artifact / "manifest.json").read_text())
-    return read_manifest(artifact, verify_files=False)
+        return Artifact.load(artifact, verify_files=True).manifest
+    except (ValueError, OSError, KeyError, TypeError) as error:
+        detail = f"{type(error).__name__}: {error}" if isinstance(error, (KeyError, TypeError)) else str(error)
+        raise RepoError(f"artifact: {artifact} cannot be served: {detail}") from None
 
 
 # ======================================================================================
@@ -208,7 +213,7 @@ def write_repository(artifact: str | Path, out: str | Path, *, flavour: str = "p
     if not name.replace("_", "").replace("-", "").isalnum():
         raise RepoError(f"name: {name!r} is not a valid model name (letters, digits, '_', '-')")
     artifact = Path(artifact).resolve()
-    manifest = read_artifact_manifest(artifact)
+    manifest = check_artifact(artifact)
     out = Path(out).resolve()
     if out.exists():
         if not overwrite and any(out.iterdir()):
@@ -439,6 +444,8 @@ def validate_repository(repo: str | Path, require_plans: bool = False) -> list[s
     from tritonclient.grpc import model_config_pb2
 
     repo = Path(repo)
+    if not repo.is_dir():
+        return [f"{repo}: {'is not a directory' if repo.exists() else 'does not exist'} (expected a model repository)"]
     problems, configs = [], {}
     dirs = sorted(p for p in repo.iterdir() if p.is_dir() and (p / "config.pbtxt").exists())
     if not dirs:
@@ -554,6 +561,10 @@ def main(argv: list[str] | None = None) -> int:
         return serve(argv[1:])
     args = _parser().parse_args(argv)
     if args.validate:
+        target = Path(args.validate)
+        if not target.is_dir():  # one line from the command wrapper, not a problem report
+            state = "is not a directory" if target.exists() else "does not exist"
+            raise RepoError(f"--validate: {target} {state} (expected a model repository written by sparsevlm-triton)")
         problems = validate_repository(args.validate)
         for line in problems:
             print(f"error: {line}", file=sys.stderr)

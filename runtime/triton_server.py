@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -185,8 +186,10 @@ class LocalTritonServer:
         deadline = t0 + self.ready_timeout
         while True:
             if self.proc.poll() is not None:
-                tail = self.log_tail()
+                causes, tail = self.load_failures(), self.log_tail()
                 self.stop()
+                if causes:  # the models' own errors, not the server's table of options
+                    raise RepoError(f"tritonserver could not load {'; '.join(causes)} (full log: {self.log_path})")
                 raise RepoError(f"tritonserver exited with {self.proc.returncode} before ready; log tail:\n{tail}")
             try:
                 with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
@@ -201,6 +204,18 @@ class LocalTritonServer:
             time.sleep(0.1)
         self.startup_seconds = time.monotonic() - t0
         return self
+
+    def load_failures(self) -> list[str]:
+        """One line per model that failed to load, from the server log: "model 'NAME': cause"
+        (the first line of the Python error, without the stub's traceback)."""
+        try:
+            log = self.log_path.read_text(errors="replace")
+        except OSError:
+            return []
+        causes = {}
+        for name, cause in re.findall(r"failed to load '([^']+)' version \d+: (.*?)(?:\\n|\"\s*$)", log, re.M):
+            causes.setdefault(name, cause.removeprefix("Internal: ").strip())
+        return [f"model '{name}': {cause}" for name, cause in causes.items()]
 
     def log_tail(self, chars: int = 4000) -> str:
         try:

@@ -12,15 +12,21 @@ Config parameters (all strings): `artifact` (absolute, or relative to the reposi
 `sparsevlm_site_dirs` (os.pathsep-separated dirs added with site.addsitedir, after the
 stub environment's own, so that `import sparsevlm` works while the stub keeps numpy<2),
 `backend` (auto | onnxruntime | tensorrt | torch | triton-bls), `max_batch`,
-`pipeline_module` (default `sparsevlm.runtime`: the module providing Pipeline and
-load_image), and for the
+`pipeline_module` (default `sparsevlm.runtime`: the module providing Pipeline), and for the
 orchestrator `graph_models` (JSON {graph: model}).
 
 Batching: the dynamic batcher hands `execute` several requests. Greedy rows (temperature 0)
 with the same max_new_tokens run as one batch of the runtime (rows are independent: per-row
 keep counts, padding and masks). Sampled rows run per request, so a seed gives the same
-tokens as an in-process `Pipeline.generate` call with that request's rows. A request whose
-input is bad gets its own error response; the others in the batch are unaffected.
+tokens as an in-process `Pipeline.generate` call with that request's rows.
+
+Bad requests: every request is checked on its own before any batch runs (`Pipeline.prepare`:
+the input rules of docs/inputs.md, shared with the Python API and sparsevlm-run), so a bad
+request gets its own error response and the good requests of the same batch their answers.
+Client errors go back as INVALID_ARG (HTTP 400 / gRPC INVALID_ARGUMENT) with a one-line
+message naming the input; anything else is INTERNAL with a one-line message, the traceback
+going only to the server log. Nothing escapes `execute` (an exception there would fail
+every request of the batch and send the server's traceback to each client).
 """
 
 import json
@@ -35,11 +41,24 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 DEFAULTS = {"max_new_tokens": 32, "temperature": 0.0, "top_p": 1.0, "seed": None}
-MAX_NEW_TOKENS_LIMIT = 1024
 
 
 class RequestError(ValueError):
     """A request the model rejects (its message goes back to the client)."""
+
+
+def _error(message, client=True):
+    """A TritonError: INVALID_ARG for the client's mistakes, INTERNAL otherwise (older
+    python backends take no code: then the server reports it as INTERNAL)."""
+    message = " ".join(str(message).split())  # one line
+    code = getattr(pb_utils.TritonError, "INVALID_ARG" if client else "INTERNAL", None)
+    if code is None:
+        return pb_utils.TritonError(message)
+    return pb_utils.TritonError(message, code)
+
+
+def _is_client_error(error):
+    return isinstance(error, ValueError)  # RequestError, and the runtime's InputError and friends
 
 
 def _scalar_rows(request, name, rows, cast):
@@ -63,10 +82,11 @@ def _bytes_rows(request, name):
 
 
 class Row:
-    __slots__ = ("request", "index", "image", "prompt", "params", "result")
+    __slots__ = ("request", "index", "inputs", "prompt", "params", "result")
 
-    def __init__(self, request, index, image, prompt, params):
-        self.request, self.index, self.image, self.prompt, self.params = request, index, image, prompt, params
+    def __init__(self, request, index, inputs, prompt, params):
+        # inputs: the row checked and encoded by Pipeline.prepare (input_ids, pixel_values)
+        self.request, self.index, self.inputs, self.prompt, self.params = request, index, inputs, prompt, params
         self.result = None  # (text, token_ids, kept_per_layer)
 
 
@@ -80,7 +100,7 @@ class TritonPythonModel:
         import importlib
 
         runtime = importlib.import_module(params.get("pipeline_module") or "sparsevlm.runtime")
-        Pipeline, self.load_image = runtime.Pipeline, runtime.load_image
+        Pipeline = runtime.Pipeline
         artifact = Path(params["artifact"])
         if not artifact.is_absolute():
             artifact = Path(args["model_repository"]).resolve().parent / artifact
@@ -124,21 +144,22 @@ class TritonPythonModel:
         seeds = _scalar_rows(request, "seed", rows, lambda v: int(v))
         parsed = []
         for i in range(rows):
+            where = f"row {i}: " if rows > 1 else ""
             try:
                 prompt = prompts[i].decode("utf-8")
-            except UnicodeDecodeError:
-                raise RequestError(f"prompt: row {i} is not valid UTF-8") from None
-            if not 1 <= max_new[i] <= MAX_NEW_TOKENS_LIMIT:
-                raise RequestError(f"max_new_tokens: expected 1..{MAX_NEW_TOKENS_LIMIT}, got {max_new[i]}")
+            except UnicodeDecodeError as error:
+                raise RequestError(f"{where}prompt: not valid UTF-8 (byte {error.start}); send UTF-8 text") from None
             if not (temps[i] >= 0 and np.isfinite(temps[i])):
-                raise RequestError(f"temperature: expected a finite value >= 0, got {temps[i]}")
+                raise RequestError(f"{where}temperature: expected a finite value >= 0, got {temps[i]}")
             if not 0 < top_ps[i] <= 1:
-                raise RequestError(f"top_p: expected a value in (0, 1], got {top_ps[i]}")
+                raise RequestError(f"{where}top_p: expected a value in (0, 1], got {top_ps[i]}")
             try:
-                image = self.load_image(images[i])
+                # The shared input rules (docs/inputs.md): image decoding and limits, prompt
+                # text and token bounds, max_new_tokens within the artifact's decode profile.
+                inputs = self.pipe.prepare([images[i]], [prompt], max_new[i])
             except ValueError as error:
-                raise RequestError(f"row {i}: {error}") from None
-            parsed.append(Row(request, i, image, prompt,
+                raise RequestError(f"{where}{error}") from None
+            parsed.append(Row(request, i, inputs, prompt,
                               {"max_new_tokens": max_new[i], "temperature": temps[i], "top_p": top_ps[i],
                                "seed": seeds[i]}))
         if len(parsed) > 1 and self.decoupled:
@@ -162,9 +183,9 @@ class TritonPythonModel:
     def _generate(self, rows, on_token=None):
         p = rows[0].params
         with self.lock:
-            out = self.pipe.generate([r.image for r in rows], [r.prompt for r in rows],
-                                     max_new_tokens=p["max_new_tokens"], temperature=p["temperature"],
-                                     top_p=p["top_p"], seed=p["seed"], on_token=on_token)
+            out = self.pipe.generate_prepared([r.inputs for r in rows], max_new_tokens=p["max_new_tokens"],
+                                              temperature=p["temperature"], top_p=p["top_p"], seed=p["seed"],
+                                              on_token=on_token)
         for i, row in enumerate(rows):
             row.result = (out.texts[i], [int(t) for t in out.token_ids[i]], [int(k) for k in out.kept_per_layer[i]])
         return out
@@ -173,32 +194,35 @@ class TritonPythonModel:
     def execute(self, requests):
         if self.decoupled:
             return self._execute_stream(requests)
-        errors, rows = {}, []
+        errors, rows = {}, []  # errors: request index -> TritonError
         for i, request in enumerate(requests):
             try:
                 rows.extend(self._parse(request))
-            except RequestError as error:
-                errors[i] = str(error)
+            except Exception as error:  # noqa: BLE001 - a request's own failure is its own response
+                errors[i] = _failure(error)
         for group in self._groups(rows):
             try:
                 self._generate(group)
             except Exception as error:  # noqa: BLE001 - isolate: rerun each request of the group alone
                 if len({id(r.request) for r in group}) == 1:
-                    errors.setdefault(_index(requests, group[0].request), _message(error))
+                    errors.setdefault(_index(requests, group[0].request), _failure(error))
                     continue
                 for request_id in {id(r.request) for r in group}:
                     alone = [r for r in group if id(r.request) == request_id]
                     try:
                         self._generate(alone)
                     except Exception as inner:  # noqa: BLE001
-                        errors.setdefault(_index(requests, alone[0].request), _message(inner))
+                        errors.setdefault(_index(requests, alone[0].request), _failure(inner))
         responses = []
         for i, request in enumerate(requests):
             if i in errors:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(errors[i])))
+                responses.append(pb_utils.InferenceResponse(error=errors[i]))
                 continue
-            mine = sorted((r for r in rows if r.request is request), key=lambda r: r.index)
-            responses.append(pb_utils.InferenceResponse(output_tensors=_outputs([r.result for r in mine])))
+            try:
+                mine = sorted((r for r in rows if r.request is request), key=lambda r: r.index)
+                responses.append(pb_utils.InferenceResponse(output_tensors=_outputs([r.result for r in mine])))
+            except Exception as error:  # noqa: BLE001
+                responses.append(pb_utils.InferenceResponse(error=_failure(error)))
         return responses
 
     def _execute_stream(self, requests):
@@ -207,8 +231,8 @@ class TritonPythonModel:
             sender = senders[id(request)] = request.get_response_sender()
             try:
                 rows.extend(self._parse(request))
-            except RequestError as error:
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))),
+            except Exception as error:  # noqa: BLE001 - a request's own failure is its own response
+                sender.send(pb_utils.InferenceResponse(error=_failure(error)),
                             flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         for group in self._groups(rows):
             stop_ids = set(_stop_ids(self.pipe))
@@ -237,14 +261,14 @@ class TritonPythonModel:
                 self._generate(group, on_token=on_token)
             except Exception as error:  # noqa: BLE001
                 for row in group:
-                    senders[id(row.request)].send(pb_utils.InferenceResponse(error=pb_utils.TritonError(_message(error))),
+                    senders[id(row.request)].send(pb_utils.InferenceResponse(error=_failure(error)),
                                                   flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 continue
             for j, row in enumerate(group):
                 text, tokens, kept = row.result
                 if streamed[j][:len(tokens)] != tokens:
                     error = f"internal: streamed tokens {streamed[j]} differ from the result {tokens}"
-                    senders[id(row.request)].send(pb_utils.InferenceResponse(error=pb_utils.TritonError(error)),
+                    senders[id(row.request)].send(pb_utils.InferenceResponse(error=_error(error, client=False)),
                                                   flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                     continue
                 senders[id(row.request)].send(pb_utils.InferenceResponse(output_tensors=[
@@ -332,11 +356,15 @@ def _index(requests, request):
     return next(i for i, r in enumerate(requests) if r is request)
 
 
-def _message(error):
-    if isinstance(error, ValueError):  # the runtime's InputError and friends: the client's fault
-        return f"{type(error).__name__}: {error}"
+def _failure(error):
+    """The TritonError for a failed request: the client's mistake (a ValueError: RequestError,
+    InputError, ...) as INVALID_ARG with its message; anything else as INTERNAL, one line,
+    with the traceback in the server log only."""
+    if _is_client_error(error):
+        message = str(error) if isinstance(error, RequestError) else f"{type(error).__name__}: {error}"
+        return _error(message, client=True)
     pb_utils.Logger.log_error(f"internal error: {traceback.format_exc()}")  # details in the server log
-    return f"internal error: {type(error).__name__}: {error}"
+    return _error(f"internal error: {type(error).__name__}: {error}", client=False)
 
 
 def _cuda_available():
