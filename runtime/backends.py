@@ -255,7 +255,7 @@ class TensorRTExecutor(GraphExecutor):
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.order = stream_order if stream_order is not None else CudaStreamOrder()
         load_plugin_library(trt.get_plugin_registry(), plugin_library)
-        self._runtimes: dict[PlanLoading, object] = {}
+        self._runtimes: dict[PlanLoading, tuple] = {}  # (runtime, parent runtime)
         self.engines = {}
         for name in graph_names(artifact):
             entry = engines[name]
@@ -274,6 +274,7 @@ class TensorRTExecutor(GraphExecutor):
                                       for engine in self.engines.values()
                                       for index in range(engine.num_optimization_profiles))
         self.device_memory = empty_aligned((max(self.device_memory_size, 1),), torch.uint8, self.device)
+        self._empty_placeholder = empty_aligned((TENSOR_ALIGNMENT,), torch.uint8, self.device)
         self.contexts, self.profile = {}, {}
         for name, engine in self.engines.items():
             self.contexts[name] = []
@@ -317,12 +318,14 @@ class TensorRTExecutor(GraphExecutor):
                                f"got profile {index}")
         self.profile[graph] = index
 
-    @staticmethod
-    def _set_address(graph: str, context, tensor: str, value: torch.Tensor) -> None:
-        if not context.set_tensor_address(tensor, value.data_ptr()):
+    def _set_address(self, graph: str, context, tensor: str, value: torch.Tensor) -> None:
+        # An empty tensor's data_ptr() is 0, and TensorRT wants a non-null address for every
+        # input: empty tensors point at a small aligned placeholder (nothing reads it).
+        address = value.data_ptr() if value.numel() else self._empty_placeholder.data_ptr()
+        if not context.set_tensor_address(tensor, address):
             raise RuntimeError(f"tensorrt backend: graph {graph!r}: TensorRT refused the address of {tensor!r} "
-                               f"({value.data_ptr() % TENSOR_ALIGNMENT} bytes past a {TENSOR_ALIGNMENT}-byte "
-                               "boundary); see the TensorRT log above")
+                               f"({address % TENSOR_ALIGNMENT} bytes past a {TENSOR_ALIGNMENT}-byte boundary); "
+                               "see the TensorRT log above")
 
     def _run(self, name: str, inputs: dict) -> dict:
         trt, engine = self.trt, self.engines[name]

@@ -71,6 +71,8 @@ def read_memory(address: int, shape, dtype: torch.dtype) -> torch.Tensor:
     for d in shape:
         count *= d
     nbytes = count * torch.empty((), dtype=dtype).element_size()
+    if nbytes == 0:
+        return torch.empty(tuple(shape), dtype=dtype)
     return torch.frombuffer(bytearray(ctypes.string_at(address, nbytes)), dtype=dtype).reshape(tuple(shape))
 
 
@@ -168,6 +170,8 @@ class FakeContext:
 
     def execute_async_v3(self, stream_handle):
         self.engine.log.append(("execute", stream_handle))
+        if any(not self.addresses.get(name) for name in self.engine.names):
+            return False  # "each input must have a non-null address and each output [...]"
         need = self.engine.memory[self.profile]
         if self.strategy is ExecutionContextAllocationStrategy.USER_MANAGED and (
                 self.memory is None or self.memory[1] < need):
@@ -414,6 +418,19 @@ def test_every_address_is_aligned_even_for_slices(tmp_path, plugin_library):
     assert torch.equal(out["image_features"], pixels * 2 + 1)
     context = trt.engines["vision"].contexts[0]
     assert context.addresses and all(address % TENSOR_ALIGNMENT == 0 for address in context.addresses.values())
+
+
+def test_empty_tensors_get_a_non_null_aligned_address(tmp_path, plugin_library):
+    log = []
+    engines = fake_engines(log)
+    engines["vision"] = FakeEngine({"pixel_values": (DataType.FLOAT, [((0, 3, 4), (1, 3, 4), (8, 3, 4))])},
+                                   {"image_features": (DataType.FLOAT, "pixel_values")}, [1000], log)
+    executor, trt = make_executor(tmp_path, plugin_library, log=log, engines=engines)
+    assert torch.empty(0, 3, 4).data_ptr() == 0  # what torch gives for an empty tensor
+    out = executor.vision(torch.empty(0, 3, 4))
+    assert out["image_features"].shape == (0, 3, 4)
+    addresses = trt.engines["vision"].contexts[0].addresses
+    assert all(address and address % TENSOR_ALIGNMENT == 0 for address in addresses.values())
 
 
 def test_segment_outputs_are_renamed_and_follow_the_selected_profile(tmp_path, plugin_library):
