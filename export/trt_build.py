@@ -28,9 +28,11 @@ body. Networks are strongly typed: the ONNX types decide the precision. Engines 
                                           "inputs": {"<input>": {"min": [...], "opt": [...],
                                                                   "max": [...]}}}, ...]}}
 
-`embeds_lean_runtime` (version compatible, lean runtime not excluded) tells the runtime to
-allow engine host code; a plan built with `--exclude-lean-runtime` is run by a lean runtime
-library of the same TensorRT version that the runtime loads (`runtime.backends`).
+`embeds_lean_runtime` says whether the plan carries its own lean runtime (and the plugin
+library): version compatible and not `--exclude-lean-runtime`. The runtime (`runtime.backends`)
+allows engine host code for every version-compatible plan, and runs a plan without a lean
+runtime through a lean runtime library of the TensorRT version that built it
+(`Runtime.load_runtime`), with the plugin library loaded into that runtime's registry.
 
 Every file is written to a temporary name and renamed, the manifest last. Building needs the
 full `tensorrt` package and a GPU; `--dry-run` prints the profile tables without either.
