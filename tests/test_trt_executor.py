@@ -560,3 +560,23 @@ def test_an_unloadable_library_still_fails_clearly(tmp_path):
         make_executor(tmp_path, broken)
     with pytest.raises(trt_build.BuildError, match=r"could not load the plugin library .*libbroken.so"):
         trt_build.load_plugin_library(fake_tensorrt({}), broken)
+
+
+# ---------------------------------------------------------------------------------------------
+# The CUDA part (GPU only)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CudaStreamOrder orders CUDA streams; no CUDA GPU here")
+def test_cuda_stream_order_runs_the_engine_stream_after_the_producer_and_before_the_consumer():
+    order = backends.CudaStreamOrder()
+    source = torch.zeros(1 << 20, device="cuda")
+    torch.cuda._sleep(50_000_000)  # the producer (current stream) is still busy when the engine stream is queued
+    source.fill_(1.0)
+    order.engine_waits_for_producer()
+    with torch.cuda.stream(order.stream):  # stands in for execute_async_v3 on order.handle
+        torch.cuda._sleep(50_000_000)
+        result = source * 2
+    order.consumer_waits_for_engine()
+    assert torch.equal(result + 0, torch.full_like(source, 2.0))  # `+ 0` runs on the consumer's stream
+    view = torch.zeros(65, device="cuda")[1:]
+    assert view.data_ptr() % TENSOR_ALIGNMENT != 0 and aligned(view).data_ptr() % TENSOR_ALIGNMENT == 0
