@@ -37,8 +37,8 @@ arch=""
 warmup=3
 runs=20
 
-usage() {
-    echo "usage: bash benchmarks/gpu_check.sh [--dry-run] [--build-dir DIR] [--arch NN] [--warmup N] [--runs N]" >&2
+usage() { # $1: what was wrong
+    echo "gpu_check.sh: $1 (usage: bash benchmarks/gpu_check.sh [--dry-run] [--build-dir DIR] [--arch NN] [--warmup N] [--runs N])" >&2
     exit 2
 }
 positive() { [[ "$1" =~ ^[1-9][0-9]*$ ]] || { echo "gpu_check.sh: $2 expects a positive integer, got '$1'" >&2; exit 2; }; }
@@ -46,12 +46,13 @@ positive() { [[ "$1" =~ ^[1-9][0-9]*$ ]] || { echo "gpu_check.sh: $2 expects a p
 while [ $# -gt 0 ]; do
     case "$1" in
         --dry-run) dry_run=1 ;;
-        --build-dir) [ $# -ge 2 ] || usage; build_dir="$2"; shift ;;
-        --arch) [ $# -ge 2 ] || usage; positive "$2" --arch; arch="$2"; shift ;;
-        --warmup) [ $# -ge 2 ] || usage; positive "$2" --warmup; warmup="$2"; shift ;;
-        --runs) [ $# -ge 2 ] || usage; positive "$2" --runs; runs="$2"; shift ;;
-        -h|--help) sed -n '2,33p' "${BASH_SOURCE[0]}"; exit 0 ;;
-        *) echo "gpu_check.sh: unknown argument '$1'" >&2; usage ;;
+        --build-dir|--arch|--warmup|--runs) [ $# -ge 2 ] || usage "$1 expects a value" ;;&
+        --build-dir) build_dir="$2"; shift ;;
+        --arch) positive "$2" --arch; arch="$2"; shift ;;
+        --warmup) positive "$2" --warmup; warmup="$2"; shift ;;
+        --runs) positive "$2" --runs; runs="$2"; shift ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; exit 0 ;;
+        *) usage "unknown argument '$1'" ;;
     esac
     shift
 done
@@ -83,7 +84,7 @@ print(pathlib.Path(list(spec.submodule_search_locations)[0]) / "include" / "tens
     local folder
     for folder in "${candidates[@]}"; do
         if [ -n "$folder" ] && [ -f "$folder/NvInfer.h" ]; then
-            echo "$folder"
+            (cd "$folder" && pwd) # absolute: CMake would read a relative one against trt_plugins/
             return 0
         fi
     done

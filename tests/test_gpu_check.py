@@ -104,7 +104,13 @@ def test_dry_run_states_the_byte_counts(dry_run):
     assert kernel[("TopKTokenSelect", "float16", 8)][1] < 0.51 * kernel[("TopKTokenSelect", "float32", 8)][1]
 
 
-def test_bad_option_is_one_clear_line():
-    result = subprocess.run(["bash", str(SCRIPT), "--runs", "0"], capture_output=True, text=True, timeout=60)
+@pytest.mark.parametrize("arguments, message", [
+    (["--runs", "0"], "gpu_check.sh: --runs expects a positive integer, got '0'"),
+    (["--arch"], "gpu_check.sh: --arch expects a value (usage: "),
+    (["--gpu"], "gpu_check.sh: unknown argument '--gpu' (usage: "),
+])
+def test_bad_option_is_one_clear_line(arguments, message):
+    result = subprocess.run(["bash", str(SCRIPT), *arguments], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
-    assert result.stderr.strip() == "gpu_check.sh: --runs expects a positive integer, got '0'"
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith(message), result.stderr
+    assert result.stdout == ""
