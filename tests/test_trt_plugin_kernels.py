@@ -26,15 +26,25 @@ from sparsevlm.methods import token_ops
 PLUGIN_DIR = Path(__file__).resolve().parents[1] / "trt_plugins"
 
 
+# Compiled once per session: tests/test_trt_plugin_parity.py imports the fixture too (pytest
+# makes one instance of an imported module-scoped fixture per module).
+_HOST_OPS: list[ctypes.CDLL] = []
+
+
 @pytest.fixture(scope="module")
 def host_ops(tmp_path_factory) -> ctypes.CDLL:
+    if _HOST_OPS:
+        return _HOST_OPS[0]
     compiler = shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         pytest.skip("no C++ compiler (g++ / c++) on PATH to build trt_plugins/tests/host_ops.cpp")
     library = tmp_path_factory.mktemp("host_ops") / "libsparsevlm_host_ops.so"
     subprocess.run([compiler, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC",
                     str(PLUGIN_DIR / "tests" / "host_ops.cpp"), "-o", str(library)], check=True)
-    return ctypes.CDLL(str(library))
+    lib = ctypes.CDLL(str(library))
+    lib.sparsevlm_token_recycle.restype = ctypes.c_int64
+    _HOST_OPS.append(lib)
+    return lib
 
 
 def _ptr(array: np.ndarray) -> ctypes.c_void_p:
@@ -67,7 +77,7 @@ class Output:
 
 
 def _mask_in(mask: torch.Tensor, true_value: int = 1) -> np.ndarray:
-    """A bool mask as the plugins take it: int32, nonzero = true (`true_value` for true)."""
+    """A mask (bool, or int32 0/1) as the plugins take it: int32, nonzero = true (`true_value`)."""
     return np.ascontiguousarray(mask.numpy().astype(np.int32) * np.int32(true_value))
 
 
@@ -274,11 +284,6 @@ def run_recycle(lib, visual, scores, visual_valid, keep_count, candidate_percent
     lib.sparsevlm_token_recycle(*[_ptr(a) for a in arrays], merged.ptr, merged_valid.ptr,
                                 *_i64(batch, num_visual, dim, candidate_percent, cluster_divisor))
     return merged.tensor(), _mask_out(merged_valid.tensor())
-
-
-@pytest.fixture(autouse=True)
-def _restype(host_ops):
-    host_ops.sparsevlm_token_recycle.restype = ctypes.c_int64
 
 
 @pytest.mark.parametrize("candidate_percent,cluster_divisor", [(30, 10), (50, 3), (99, 2)])

@@ -1,11 +1,12 @@
 // RankKeepCount, per-row work shared by the CUDA kernel and the CPU test path.
 // Contract: export/OPS.md and README.md next to this file.
 //
-// Per row: P = rater rows x valid visual columns (m x n); the masks are int32, nonzero = set. Its singular values come from a
-// one-sided Jacobi SVD (Hestenes) in float64: the min(m, n) "vectors" (rows of P when m <= n,
-// else its columns) are rotated pairwise, in round-robin sweeps, until mutually orthogonal;
-// their norms are then the singular values. rank = #{sigma > eps_f32 * max(m, n) * sigma_max}, torch.linalg.matrix_rank's
-// default tolerance for float32. Float64 keeps the rounding noise of a rank-deficient block
+// Per row: P = rater rows x valid visual columns (m x n; the masks are int32, nonzero = set).
+// Its singular values come from a one-sided Jacobi SVD (Hestenes) in float64: the min(m, n)
+// "vectors" (rows of P when m <= n, else its columns) are rotated pairwise, in round-robin
+// sweeps, until mutually orthogonal; their norms are then the singular values.
+// rank = #{sigma > eps_f32 * max(m, n) * sigma_max}, torch.linalg.matrix_rank's default
+// tolerance for float32. Float64 keeps the rounding noise of a rank-deficient block
 // (~1e-16 * sigma_max) far below that tolerance, where a float32 SVD's noise sits within a
 // small factor of it; this is the exact rank of the float32 input, which torch agrees with
 // except on blocks whose smallest singular value lies within float32 noise of the tolerance.

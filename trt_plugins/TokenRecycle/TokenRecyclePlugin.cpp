@@ -116,7 +116,8 @@ public:
 
     bool checkShapes(Dims const* in, int32_t nbInputs) const noexcept override
     {
-        if (nbInputs != 4 || !checkRanks(kName, in, 4, {3, 2, 2, 1}, {"visual", "scores", "visual_valid", "keep_count"}))
+        if (nbInputs != 4
+            || !checkRanks(kName, in, 4, {3, 2, 2, 1}, {"visual", "scores", "visual_valid", "keep_count"}))
         {
             return false;
         }

@@ -131,7 +131,8 @@ bool PluginBase::checkRanks(char const* op, Dims const* dims, int32_t count, std
     return true;
 }
 
-bool PluginBase::configuredShapesValid(DynamicPluginTensorDesc const* in, int32_t nbInputs, int32_t nbOutputs) const noexcept
+bool PluginBase::configuredShapesValid(
+    DynamicPluginTensorDesc const* in, int32_t nbInputs, int32_t nbOutputs) const noexcept
 {
     if (in == nullptr || nbInputs < 0 || nbInputs > kMaxInputs || nbOutputs != getNbOutputs())
     {

@@ -635,7 +635,8 @@ void checkTopKProfiles(IPluginCreatorV3One* creator)
     auto* runtime = static_cast<IPluginV3OneRuntime*>(plugin->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
     auto const profile = [](int64_t dimN, int64_t minN, int64_t maxN)
     {
-        std::vector<DynamicPluginTensorDesc> in = describe({{2, dimN, 4}, {2, dimN}}, {DataType::kFLOAT, DataType::kFLOAT});
+        std::vector<DynamicPluginTensorDesc> in
+            = describe({{2, dimN, 4}, {2, dimN}}, {DataType::kFLOAT, DataType::kFLOAT});
         for (DynamicPluginTensorDesc& d : in)
         {
             d.min.d[1] = minN;
@@ -652,8 +653,8 @@ void checkTopKProfiles(IPluginCreatorV3One* creator)
     {
         std::vector<DynamicPluginTensorDesc> in = profile(dimN, minN, maxN);
         bool const ok = build->configurePlugin(in.data(), 2, out.data(), 2) == 0;
-        check(ok == accepted, std::string("TopKTokenSelect k = 5: configurePlugin ") + (accepted ? "accepts " : "rejects ")
-            + what);
+        check(ok == accepted,
+            std::string("TopKTokenSelect k = 5: configurePlugin ") + (accepted ? "accepts " : "rejects ") + what);
     }
     for (int64_t n : {3, 4, 5, 9})
     {
@@ -740,7 +741,8 @@ std::string answerShapeQuery(std::map<std::string, IPluginCreatorV3One*> const& 
             size_t const equals = words[i].find('=');
             static std::deque<std::string> names; // PluginField keeps the name pointer
             names.push_back(words[i].substr(0, equals));
-            attributes.push_back(intField(names.back().c_str(), static_cast<int32_t>(std::stol(words[i].substr(equals + 1)))));
+            int32_t const value = static_cast<int32_t>(std::stol(words[i].substr(equals + 1)));
+            attributes.push_back(intField(names.back().c_str(), value));
         }
     }
     std::unique_ptr<IPluginV3> plugin(create(found->second, attributes, TensorRTPhase::kBUILD));
