@@ -58,7 +58,7 @@ def _describe(image) -> str:
 def load_image(image, name: str = "image"):
     """A PIL RGB image (8 bits per channel) from a PIL image, a file path, encoded bytes or
     an HxW / HxWx1 / HxWx3 / HxWx4 uint8 numpy array; InputError (naming `name`) otherwise."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
     if isinstance(image, Image.Image):  # the caller's pixels as they are (no EXIF rotation: it may be done)
         check_image_size(image.size, name)
@@ -92,7 +92,7 @@ def load_image(image, name: str = "image"):
         check_image_size(opened.size, what)  # from the header: nothing is decoded yet
         try:
             opened.load()
-            return to_rgb(_upright(opened, ImageOps), what)
+            return to_rgb(_upright(opened), what)
         except InputError:
             raise
         except Exception as error:  # noqa: BLE001 - PIL raises many types for a damaged file
@@ -114,8 +114,10 @@ def check_image_size(size: tuple[int, int], name: str = "image") -> None:
                          f"{MAX_ASPECT_RATIO}:1 is accepted (the model sees a centred square crop: crop it first)")
 
 
-def _upright(image, ImageOps):
+def _upright(image):
     """Apply the EXIF orientation tag, as image viewers do (a damaged tag is ignored)."""
+    from PIL import ImageOps
+
     try:
         return ImageOps.exif_transpose(image)
     except Exception:  # noqa: BLE001 - broken EXIF: show the pixels as stored

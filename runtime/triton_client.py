@@ -46,7 +46,12 @@ class Piece:
 
 
 class TritonRequestError(RuntimeError):
-    """The server answered with an error (its message is kept)."""
+    """The server answered with an error (its message is kept). `status`: the protocol's
+    status ("400" over HTTP, "StatusCode.INVALID_ARGUMENT" over gRPC for a bad request)."""
+
+    def __init__(self, message: str, status: str | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 def _module(protocol: str):
@@ -105,7 +110,7 @@ class SparseVLMClient:
             result = self.client.infer(self.model, inputs, outputs=_outputs(self.module, ["text", "token_ids",
                                                                                            "kept_per_layer"]), **kwargs)
         except InferenceServerException as error:
-            raise TritonRequestError(error.message()) from None
+            raise TritonRequestError(error.message(), error.status()) from None
         ids = result.as_numpy("token_ids")[0]
         return Answer(result.as_numpy("text")[0][0].decode("utf-8"), [int(t) for t in ids if t >= 0],
                       [int(k) for k in result.as_numpy("kept_per_layer")[0]])
