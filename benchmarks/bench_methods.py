@@ -1,7 +1,7 @@
 """PyTorch method benchmark: prefill wall time (vision + prefill) of each pruning method
 relative to the unpruned model, measured side by side in one run (configurations
 interleaved round-robin, median of the repeats), next to the FLOPs ratio from the method's
-own accounting (methods.md 1.8: LLM decoder layers only, ViT and LM head excluded).
+own accounting (docs/accounting.md: LLM decoder layers only, ViT and LM head excluded).
 
     /work/venv/bin/python benchmarks/bench_methods.py [--layers 18 --hidden 1024 --repeats 3 --threads 1]
 

@@ -1,4 +1,4 @@
-"""Token counts and FLOPs as `shared/reference/methods.md` §1.4 and §1.8 define them.
+"""Token counts and FLOPs of a run, as `docs/accounting.md` defines them for users.
 
 Per decoder layer the authors count 4*n*d^2 + 2*n^2*d + 3*n*d*m multiply-accumulates,
 with n the full sequence length at the layer input (LM head and ViT excluded). Token

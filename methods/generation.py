@@ -319,7 +319,7 @@ def decode_tokens(executor, specs: list[SegmentSpec], result: PrefillResult, par
 # --------------------------------------------------------------------------------------
 
 def make_trace(plan: PrunePlan, result: PrefillResult, tokens: list[list[int]]) -> dict:
-    """The trace JSON of DESIGN.md / trace_schema.md for one run."""
+    """The trace JSON (`docs/trace.md`) for one run."""
     layers = [] if plan.method == "none" else [d.to_json() for d in result.decisions]
     return {"schema": TRACE_SCHEMA, "method": plan.trace_method(), "layers": layers,
             "greedy_tokens": tokens, "logits_last": result.logits.float().cpu().tolist()}

@@ -3,7 +3,7 @@
 
 `LocalTritonServer` starts the server on 127.0.0.1 with free ports, waits until it is ready,
 and stops it cleanly (process group, Python-backend stubs, /dev/shm regions), following the
-measured recipe and gotchas in shared/reference/triton_server_on_cpu.md. The repositories it
+recipe and gotchas in docs/triton-cpu.md. The repositories it
 serves are written by `triton_repo.py`.
 """
 
@@ -116,7 +116,7 @@ def _pids_in_group(pgid: int) -> list[int]:
 class LocalTritonServer:
     """The nvidia-pytriton tritonserver on 127.0.0.1 with free ports, as a context manager.
 
-    Applies the recipe of shared/reference/triton_server_on_cpu.md: a private backend
+    Applies the recipe of docs/triton-cpu.md: a private backend
     directory with a copy of the stub, LD_LIBRARY_PATH = LIBDIR + nvidia_pytriton.libs, the
     stub environment's bin/ first on PATH, a unique shm-region prefix, readiness polled with
     a timeout (a broken stub hangs rather than exiting), SIGTERM then SIGKILL of the whole

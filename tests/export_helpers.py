@@ -1,6 +1,6 @@
 """Shared by tests/test_export.py and tests/test_runtime.py: the exported artifacts of the demo
 checkpoint (each exported at most once per session, lazily) and cached runs of them, so the
-export parity tests (issue 3) and the runtime parity tests (issue 4) reuse the same graphs and
+export parity tests and the runtime parity tests reuse the same graphs and
 the same ONNX Runtime / torch runs.
 
 Import the fixtures into a test module with

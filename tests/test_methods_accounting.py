@@ -1,4 +1,4 @@
-"""FLOPs accounting: 4*n*d^2 + 2*n^2*d + 3*n*d*m per decoder layer (methods.md 1.8), with
+"""FLOPs accounting: 4*n*d^2 + 2*n^2*d + 3*n*d*m per decoder layer (docs/accounting.md), with
 n the full sequence length at the layer's input, checked by hand on small cases."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def test_layer_flops_by_hand():
     assert layer_flops(3, 2, 5) == 174
     # n=5: 80 + 100 + 150; n=4: 64 + 64 + 120
     assert layer_flops(5, 2, 5) == 330 and layer_flops(4, 2, 5) == 248
-    # LLaVA-1.5-7B shape (d=4096, m=11008) at n=690: the baseline's ~4.62 T (methods.md 1.8)
+    # LLaVA-1.5-7B shape (d=4096, m=11008) at n=690: the baseline's ~4.62 T (docs/accounting.md)
     assert 32 * layer_flops(690, 4096, 11008) == pytest.approx(4.62e12, rel=0.01)
 
 

@@ -1,5 +1,5 @@
-"""SparseVLM v1.5's schedule and token accounting against methods.md 1.4, the rank rules'
-skip case end to end, and the trace JSON against DESIGN.md / trace_schema.md."""
+"""SparseVLM v1.5's schedule and token accounting against docs/accounting.md, the rank rules'
+skip case end to end, and the trace JSON against docs/trace.md."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from sparsevlm.methods.generation import validate_trace
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
-# methods.md 1.4: kept + recycled at layers 2 / 6 / 15, and the two token conventions at the
+# docs/accounting.md: kept + recycled at layers 2 / 6 / 15, and the two token conventions at the
 # 32-layer LLaVA-1.5-7B shape.
 V15_TABLE = {
     192: ([(300, 9), (200, 4), (110, 3)], 192.03, 206.5),
@@ -52,7 +52,7 @@ def test_v15_equal_tokens_at_llava_7b_shape(budget):
     counts, equal_tokens, input_mean = V15_TABLE[budget]
     changes = {layer: k + r for layer, (k, r) in zip((2, 6, 15), counts)}
     inputs, charged = visual_counts_per_layer(32, 576, changes)
-    # methods.md rounds half up (82.25 -> 82.3)
+    # the table holds one decimal, rounded half up (82.25 -> 82.3)
     assert sum(charged) / 32 == pytest.approx(equal_tokens, abs=0.005 if budget == 192 else 0.05)
     assert sum(inputs) / 32 == pytest.approx(input_mean, abs=0.05)
     assert charged[:2] == [576, 576] and charged[2] == changes[2]  # the pruning layer is charged post-pruning

@@ -29,7 +29,7 @@ def _image_span(ids: list[int], image_token_id: int) -> tuple[int, int]:
 
 
 def brute_force_raters(visual: np.ndarray, text: np.ndarray) -> list[int]:
-    """methods.md 1.2 with plain loops: r_j = mean_i softmax_j(v_i . t_j); raters r_j > mean(r)."""
+    """The rater rule of docs/trace.md with plain loops: r_j = mean_i softmax_j(v_i . t_j); raters r_j > mean(r)."""
     relevance = [0.0] * len(text)
     for v in visual:
         logits = [float(np.dot(v, t)) for t in text]

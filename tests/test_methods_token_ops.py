@@ -1,5 +1,5 @@
 """The four custom ops' reference (`token_ops`) against brute force written here with plain
-per-row loops from `shared/reference/trace_schema.md`, and the rank rules of the plan
+per-row loops from the method rules in `docs/trace.md`, and the rank rules of the plan
 (`PrunePlan.keep_count`) against hand-computed counts on blocks of known rank."""
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def test_recycle_counts_follow_the_authors_float_rule():
         pool = 0 if deleted == 0 else int(0.3 * deleted) + 1
         assert token_ops.recycle_pool_size(deleted) == pool
         assert token_ops.recycled_count(deleted) == (0 if deleted == 0 else int(pool / 10) + 1)
-    # methods.md 1.4: v1.5 budget 192 on 576 tokens -> 9 / 4 / 3 merged tokens
+    # docs/accounting.md: v1.5 budget 192 on 576 tokens -> 9 / 4 / 3 merged tokens
     assert [token_ops.recycled_count(576 - 300), token_ops.recycled_count(309 - 200),
             token_ops.recycled_count(204 - 110)] == [9, 4, 3]
 

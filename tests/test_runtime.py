@@ -1,4 +1,4 @@
-"""Issue 4: the runtime (`sparsevlm.runtime.Pipeline`) on exported artifacts.
+"""The runtime (`sparsevlm.runtime.Pipeline`) on exported artifacts.
 
 - torch and onnxruntime backends agree: kept positions, 32 greedy tokens, logits within
   1e-4, at batch 1 and batch 3 (different prompts); the traces validate.
