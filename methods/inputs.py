@@ -41,9 +41,10 @@ MAX_IMAGE_PIXELS = 50_000_000
 # image became a 336x1,680,000 intermediate (5.9 GB). Beyond this ratio the image is refused.
 MAX_ASPECT_RATIO = 20
 
-# Prompts: a token of the LLaVA / Llama vocabularies spans at most 16 characters (runs of
-# spaces), so a prompt with more than this many characters per allowed token cannot fit and
-# is refused before it is tokenized.
+# Prompts: a prompt with more than this many characters per allowed text token is refused
+# before it is tokenized (a 98,000-character prompt grew sparsevlm-run to 24 GB). Natural text
+# averages 3-5 characters per token, so this only stops prompts far over the token bound; the
+# exact token bound is checked after tokenizing.
 MAX_CHARS_PER_TOKEN = 32
 
 
