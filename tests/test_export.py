@@ -1,4 +1,4 @@
-"""Issue 3: `sparsevlm-export` on the demo checkpoint.
+"""`sparsevlm-export` on the demo checkpoint.
 
 - ONNX Runtime on the exported graphs reproduces the PyTorch method (SparseLlava on the same
   checkpoint and inputs): same kept positions per pruning layer, logits within 1e-4, same
@@ -113,6 +113,32 @@ def test_custom_op_nodes_and_checker(name, artifacts):
             assert attrs.get("plugin_namespace") == b"sparsevlm", node.name
             assert attrs.get("plugin_version") == b"1", node.name
             assert ("sparsevlm", node.op_type) in functions  # the ONNX Runtime fallback body
+        _assert_int32_mask_boundary(model, nodes)
+
+
+# Mask positions (inputs, outputs) per op, from OPS.md: masks cross the node boundary as int32
+# (TensorRT plugins take no bool), cast from bool before the node and back to bool after it.
+MASKS = {"TokenPrune": ({2, 5}, {1}), "TokenRecycle": ({2}, {1}), "TopKTokenSelect": (set(), set())}
+
+
+def _assert_int32_mask_boundary(model, nodes):
+    producer = {out: n for n in model.graph.node for out in n.output}
+    consumers = {}
+    for n in model.graph.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+    cast_to = lambda n: n is not None and n.op_type == "Cast" and onnx.helper.get_attribute_value(n.attribute[0])
+    for node in nodes:
+        mask_inputs, mask_outputs = MASKS[node.op_type]
+        for i in mask_inputs:
+            assert cast_to(producer.get(node.input[i])) == onnx.TensorProto.INT32, (node.name, i)
+        for i in mask_outputs:
+            users = consumers.get(node.output[i], [])
+            assert users and all(cast_to(u) == onnx.TensorProto.BOOL for u in users), (node.name, i)
+    # The graph's own masks stay bool.
+    for value in list(model.graph.input) + list(model.graph.output):
+        if value.name.endswith(("valid", "valid_out")) or value.name.startswith("key_valid"):
+            assert value.type.tensor_type.elem_type == onnx.TensorProto.BOOL, value.name
 
 
 def _polygraphy(*args, timeout=240):
