@@ -45,12 +45,12 @@ from sparsevlm.methods import modeling
 from sparsevlm.methods.files import atomic_directory, check_output_directory, is_toolkit_output
 from sparsevlm.methods.config import SparseVLMConfig, resolve
 from sparsevlm.methods.generation import TorchExecutor, decode_tokens, make_region_batch, prefill, SamplingParams
-from sparsevlm.methods.loading import DTYPES, config_sha256, load_model, resolve_pad_token_id
+from sparsevlm.methods.loading import config_sha256, load_model, resolve_pad_token_id
 from sparsevlm.methods.segments import DecodeStep, PrefillSegment, VisionEncoder, plan_segments
 
 from . import manifest as manifest_lib
 from . import profiles as profile_lib
-from .onnx_ops import DOMAIN, FUNCTION_OPSET, ONNX_OPS, OP_VERSION, attach_functions, register_schemas
+from .onnx_ops import DOMAIN, EXPORT_DTYPES, FUNCTION_OPSET, ONNX_OPS, OP_VERSION, attach_functions, register_schemas
 
 IR_VERSION = 10
 log = logging.getLogger(__name__)
@@ -186,12 +186,13 @@ def _trace(module, example: dict, output_names: list[str], path: Path, opset: in
 WEIGHTS_DIR = "weights"
 
 
-def _finish_graph(path: Path, parameters: dict[str, torch.Tensor], weight_names: dict) -> tuple[list[str], int]:
+def _finish_graph(path: Path, parameters: dict[str, torch.Tensor], weight_names: dict,
+                  dtype: torch.dtype) -> tuple[list[str], int]:
     """Attach function bodies, set the IR version, point the weights at `weights/`, check.
 
     Returns the custom ops used and the graph's size in bytes (proto + the weights it uses)."""
     model = onnx.load(str(path))  # traced with export_params=False: no weights inside, small
-    ops = attach_functions(model)
+    ops = attach_functions(model, dtype)  # op bodies typed for the graph's float type
     model.ir_version = IR_VERSION
     weight_bytes = _external_weights(model, parameters, weight_names, path)
     onnx.save_model(model, str(path))
@@ -293,7 +294,7 @@ def export_artifact(model, location: str, config: SparseVLMConfig, out: Path, *,
             t0 = time.perf_counter()
             parameters = _trace(module, recorded[name], output_names, path, opset, segment_of_layer,
                                 decode=name == "decode")
-            ops, size = _finish_graph(path, parameters, weight_names)
+            ops, size = _finish_graph(path, parameters, weight_names, model.dtype)
             inputs, outputs = _io_table(path)
             table[name] = {"file": path.name, "bytes": size, "inputs": inputs, "outputs": outputs,
                            "output_names": dict(zip([o["name"] for o in outputs], output_names)),
@@ -383,8 +384,8 @@ def export(model: str, out: str | Path, method: str = "sparsevlm", variant: str 
            progress: bool = True, **method_options) -> list[dict]:
     """Python API of `sparsevlm-export`: one artifact per budget (`out` itself for a single
     budget, `out/b<budget>` for several). Returns the manifests."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+    if dtype not in EXPORT_DTYPES:  # bfloat16: see EXPORT_DTYPES (no ONNX Runtime CPU kernels)
+        raise ValueError(f"--dtype: expected one of {', '.join(sorted(EXPORT_DTYPES))}, got {dtype!r}")
     check_opset(opset)
     budgets = list(budgets) if budgets else [None]
     duplicates = sorted({b for b in budgets if budgets.count(b) > 1 and b is not None})
@@ -447,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reduction", type=float, help="FasterVLM: share of visual tokens removed (0.75/0.90/0.95)")
     p.add_argument("--fastv-k", dest="K", type=int, default=None, help="FastV: prune after layer K-1 (default 2)")
     p.add_argument("--fastv-r", dest="R", type=float, help="FastV: share R of visual tokens removed")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights and activations dtype")
+    p.add_argument("--dtype", default="float32", choices=sorted(EXPORT_DTYPES),
+                   help="weights and activations dtype (bfloat16 is not offered: ONNX Runtime has no CPU kernels for it)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--opset", type=int, default=FUNCTION_OPSET, help=f"ONNX opset (default {FUNCTION_OPSET})")
     p.add_argument("--random-weights", action="store_true",
