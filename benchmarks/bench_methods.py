@@ -74,7 +74,10 @@ def main() -> None:
 
     model = build_model(args.layers, args.hidden, args.intermediate, args.heads, args.vision_hidden)
     ids = [prompt_ids(args.prefix, args.text)]
-    pixels = torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(1))
+    # A random image, normalised as the CLIP processor does (generate refuses values outside that range).
+    from sparsevlm.methods.inputs import CLIP_MEAN, CLIP_STD
+    pixels = (torch.rand(1, 3, 336, 336, generator=torch.Generator().manual_seed(1))
+              - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
     vlms = [(name, SparseLlava(model, config)) for name, config in CONFIGS]
 
     times = {name: [] for name, _ in vlms}
