@@ -14,9 +14,10 @@ A wrapped `main` returns an exit status instead of raising:
      a bug.
   1  anything else (a bug, or a library failing in a way we did not anticipate): one line
      `<prog>: internal error: ...`.
-  130 Ctrl-C: one line `<prog>: interrupted`. Output directories are written through
-     `sparsevlm.methods.files.atomic_directory`, which removes its partial directory when
-     the interrupt unwinds through it, so nothing half-written is left.
+  130 Ctrl-C: one line `<prog>: interrupted` (143 and `<prog>: terminated` for SIGTERM,
+     which is raised like Ctrl-C while a command runs). Output directories are written
+     through `sparsevlm.methods.files.atomic_directory`, which removes its partial directory
+     when the interrupt unwinds through it, so nothing half-written is left.
 With `--verbose` (every command has it), the traceback is printed before the line.
 """
 
@@ -24,13 +25,15 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
+import threading
 import tempfile
 import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
-EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 VERBOSE_FLAG = "--verbose"
 
 
@@ -47,7 +50,10 @@ def _raised_by_toolkit(error: BaseException) -> bool:
         return True
     while tb.tb_next is not None:
         tb = tb.tb_next
-    return str(tb.tb_frame.f_globals.get("__name__", "")).startswith("sparsevlm")
+    module = tb.tb_frame.f_globals
+    spec = module.get("__spec__")  # `python -m sparsevlm...` runs the module as __main__
+    name = spec.name if spec is not None else module.get("__name__", "")
+    return str(name).startswith("sparsevlm")
 
 
 def is_user_error(error: BaseException, extra: tuple[type, ...] = ()) -> bool:
@@ -59,6 +65,14 @@ def is_user_error(error: BaseException, extra: tuple[type, ...] = ()) -> bool:
         return True
     deliberate = isinstance(error, (ValueError, RuntimeError)) and not isinstance(error, NotImplementedError)
     return deliberate and _raised_by_toolkit(error)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that partial outputs are cleaned up."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 def one_line(text: str) -> str:
@@ -73,12 +87,16 @@ def run_cli(prog: str, main_fn: Callable[[list[str]], int | None], argv: Sequenc
     RuntimeError subclass for a missing build tool)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = VERBOSE_FLAG in argv
+    previous_sigterm = None
+    if threading.current_thread() is threading.main_thread():
+        previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         status = main_fn(argv)
-    except KeyboardInterrupt as interrupt:
+    except (KeyboardInterrupt, Terminated) as interrupt:
         notes = "; ".join(getattr(interrupt, "__notes__", []))
-        print(f"\n{prog}: interrupted" + (f"; {one_line(notes)}" if notes else ""), file=sys.stderr)
-        return EXIT_INTERRUPTED
+        what = "interrupted" if isinstance(interrupt, KeyboardInterrupt) else "terminated"
+        print(f"\n{prog}: {what}" + (f"; {one_line(notes)}" if notes else ""), file=sys.stderr)
+        return EXIT_INTERRUPTED if isinstance(interrupt, KeyboardInterrupt) else EXIT_TERMINATED
     except SystemExit as done:  # argparse: usage errors exit 2, --help exits 0
         return done.code if isinstance(done.code, int) else (0 if done.code is None else EXIT_USER)
     except Exception as error:  # noqa: BLE001 - a command reports, it does not trace back
@@ -93,6 +111,9 @@ def run_cli(prog: str, main_fn: Callable[[list[str]], int | None], argv: Sequenc
         hint = "" if verbose else f" (run again with {VERBOSE_FLAG} for the traceback)"
         print(f"{prog}: internal error: {type(error).__name__}: {message}{hint}", file=sys.stderr)
         return EXIT_INTERNAL
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
     return EXIT_OK if status is None else status
 
 

@@ -273,7 +273,9 @@ def test_ctrl_c_during_export_leaves_nothing_and_exits_130(demo_dir, tmp_path):
     script = BIN / "sparsevlm-export"
     argv = [str(script)] if script.exists() else [sys.executable, "-m", _MODULES["sparsevlm-export"]]
     proc = subprocess.Popen([*argv, "--model", str(demo_dir), "--method", "fastervlm", "--budget", "64",
-                             "--out", str(out), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--out", str(out), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a terminal's Ctrl-C, even when pytest itself runs in the background (which ignores SIGINT)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None and not list(tmp_path.glob(".interrupted.partial-*")):
