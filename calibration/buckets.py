@@ -1,10 +1,11 @@
 """Optimization profiles for a dynamic length: at most N buckets [min, opt, max] over the
 observed lengths that serve at least a target fraction of them with the least padding.
 
-Cost model (the runtime's, docs/interfaces.md): a length W runs in the profile that contains
-it, or, below every containing profile, padded up to the nearest larger profile's `min`; a
-length above every `max` cannot run. A profile is costed as if its engine ran at its `max`,
-so a sample of length w served by a profile with maximum M pays M - w padding tokens.
+Cost model: the runtime's rule (`sparsevlm.methods.profiles.select_profile`, which
+`serving_cost` calls): a length W runs in the containing profile with the smallest `max`, or,
+below every containing profile, padded up to the nearest larger profile's `min`; a length
+above every `max` cannot run. A profile is costed as if its engine ran at its `max`, so a
+sample of length w served by a profile with maximum M pays M - w padding tokens.
 
 Why dropping only from the top is optimal. Under that model a sample's cost depends only on
 the set of maxima: it pays (smallest max >= w) - w, whatever the mins, and it is uncovered
@@ -27,6 +28,8 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable
+
+from sparsevlm.methods import profiles as profile_contract
 
 
 @dataclass(frozen=True)
@@ -159,12 +162,6 @@ def choose_buckets(lengths: Iterable[int], max_buckets: int = 4, coverage: float
 
 
 def serving_cost(buckets: list[Bucket], length: int) -> int | None:
-    """Padding the runtime pays for `length` with these profiles (None: it cannot run).
-    The contract of docs/interfaces.md: a containing profile, else the nearest larger one."""
-    containing = [b for b in buckets if b.min <= length <= b.max]
-    if containing:
-        return min(b.max for b in containing) - length
-    larger = [b for b in buckets if b.min > length]
-    if larger:
-        return min(larger, key=lambda b: b.min).max - length
-    return None
+    """Padding the runtime pays for `length` with these profiles (None: it cannot run):
+    priced with the runtime's own rule (sparsevlm.methods.profiles.serving_cost)."""
+    return profile_contract.serving_cost([(b.min, b.opt, b.max) for b in buckets], length)

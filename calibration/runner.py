@@ -117,7 +117,7 @@ def records_from_prefill(result, plan, samples: Sequence[CalibrationSample]) -> 
                      "seq_len": result.segment_lengths[0][row]}]
         for index, decision in enumerate(closing, start=1):
             segments.append({"index": index, "after_layer": decision.layer,
-                             "visual_width": decision.keep_count[row] + decision.recycled[row],
+                             "visual_width": plan.region_width(decision.visual_in[row], decision.keep_count[row]),
                              "seq_len": result.segment_lengths[index][row]})
         records.append({"index": sample.index, "sample": sample.key, "origin": sample.origin,
                         "layers": layers, "segments": segments})

@@ -15,6 +15,11 @@ import json
 import os
 from pathlib import Path
 
+# calibration.json (written by runner.py) has its schema and checks with the profile
+# contract it carries; re-exported for calibration's users.
+from sparsevlm.methods.profiles import (CALIBRATION_SCHEMA, CalibrationFileError, check_calibration,  # noqa: F401
+                                        read_calibration)
+
 SAMPLES_SCHEMA = "sparsevlm-calibration-samples/1"
 SAMPLES_FILE = "samples.jsonl"
 
@@ -89,96 +94,3 @@ class SampleStore:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
-
-
-# --------------------------------------------------------------------------------------
-# calibration.json: read and checked before an export uses it
-# --------------------------------------------------------------------------------------
-
-CALIBRATION_SCHEMA = "sparsevlm-calibration/1"
-
-
-class CalibrationFileError(ValueError):
-    """A calibration.json that cannot be used (the message names the file and the field)."""
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def read_calibration(path: str | Path) -> dict:
-    """Load `calibration.json` and check its shape: schema, identity fields, and per pruned
-    segment a non-empty list of [min, opt, max] integer buckets with 1 <= min <= opt <= max.
-    Model-dependent checks are `check_calibration`'s."""
-    path = Path(path).expanduser()
-    where = f"calibration: {path}"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CalibrationFileError(f"{where} does not exist (expected calibration.json from sparsevlm-calibrate)") from None
-    except IsADirectoryError:
-        raise CalibrationFileError(f"{where} is a directory; pass its calibration.json") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CalibrationFileError(f"{where} is not valid JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise CalibrationFileError(f"{where}: expected a JSON object, got {type(data).__name__}")
-    if data.get("schema") != CALIBRATION_SCHEMA:
-        raise CalibrationFileError(f"{where} has schema {data.get('schema')!r}; expected {CALIBRATION_SCHEMA!r}")
-    if not isinstance(data.get("config_sha256"), str):
-        raise CalibrationFileError(f"{where} records no model (config_sha256); it predates model checks: "
-                                   "run sparsevlm-calibrate again")
-    if not isinstance(data.get("method"), dict):
-        raise CalibrationFileError(f"{where}: 'method' must be the method's settings object")
-    segments = data.get("segments")
-    if not isinstance(segments, list):
-        raise CalibrationFileError(f"{where}: 'segments' must be a list (one entry per pruned segment)")
-    for position, segment in enumerate(segments):
-        field = f"segments[{position}]"
-        if not isinstance(segment, dict) or not _is_int(segment.get("index")):
-            raise CalibrationFileError(f"{where}: {field} must be an object with an integer 'index'")
-        buckets = segment.get("buckets")
-        if not isinstance(buckets, list) or not buckets:
-            raise CalibrationFileError(f"{where}: {field} (segment {segment['index']}) has no buckets; "
-                                       "expected a non-empty list of [min, opt, max]")
-        for number, bucket in enumerate(buckets):
-            if not (isinstance(bucket, list) and len(bucket) == 3 and all(_is_int(v) for v in bucket)):
-                raise CalibrationFileError(f"{where}: {field}.buckets[{number}] is {bucket!r}; "
-                                           "expected [min, opt, max] integers")
-            low, opt, high = bucket
-            if not 1 <= low <= opt <= high:
-                raise CalibrationFileError(f"{where}: {field}.buckets[{number}] is {bucket}; "
-                                           "expected 1 <= min <= opt <= max")
-    return data
-
-
-def check_calibration(data: dict, path: str | Path, method: dict, config_sha256: str, num_segments: int,
-                      max_width: int, fixed_widths: list[int] | None = None) -> list[list[list[int]]]:
-    """The buckets of `data` (from `read_calibration`) for an export of `method` on the model
-    whose config hashes to `config_sha256`: it must have been recorded on that model with that
-    method, have one bucket list per pruned segment (indices 1..num_segments), widths within
-    [1, max_width], and (fixed_widths, methods whose widths do not depend on the input) a
-    bucket containing each segment's width. Returns the bucket lists in segment order."""
-    where = f"calibration: {path}"
-    if data["config_sha256"] != config_sha256:
-        raise CalibrationFileError(f"{where} was recorded on another model (config hash "
-                                   f"{data['config_sha256'][:12]}..., model {data.get('model')!r}); this export's "
-                                   f"model hashes to {config_sha256[:12]}...: calibrate this model")
-    if data["method"] != method:
-        recorded = {k: v for k, v in data["method"].items() if v != method.get(k)}
-        raise CalibrationFileError(f"{where} was recorded for another method setting ({recorded}); "
-                                   f"this export is {method}")
-    segments = sorted(data["segments"], key=lambda s: s["index"])
-    indices = [s["index"] for s in segments]
-    if indices != list(range(1, num_segments + 1)):
-        raise CalibrationFileError(f"{where} has buckets for segments {indices}; this method prunes before "
-                                   f"segments {list(range(1, num_segments + 1))}")
-    for segment in segments:
-        for bucket in segment["buckets"]:
-            if bucket[2] > max_width:
-                raise CalibrationFileError(f"{where}: segment {segment['index']} bucket {bucket} is wider than the "
-                                           f"{max_width} visual tokens this method can keep")
-    for segment, width in zip(segments, fixed_widths or []):
-        if not any(low <= width <= high for low, _, high in segment["buckets"]):
-            raise CalibrationFileError(f"{where}: segment {segment['index']} always runs at visual width {width}, "
-                                       f"which no bucket {segment['buckets']} contains")
-    return [[list(b) for b in s["buckets"]] for s in segments]

@@ -361,18 +361,17 @@ def check_opset(opset: int) -> None:
 
 def load_calibration(path: str | Path) -> tuple[dict, list]:
     """A calibration.json's content and its bucket lists in segment order, its shape checked
-    (sparsevlm.calibration.store.read_calibration); `calibration_buckets` also checks that
-    it fits an export."""
-    from sparsevlm.calibration.store import read_calibration
+    (sparsevlm.methods.profiles.read_calibration, the file's one home); `calibration_buckets`
+    also checks that it fits an export."""
+    from sparsevlm.methods.profiles import calibration_bucket_lists, read_calibration
     data = read_calibration(path)
-    segments = sorted(data["segments"], key=lambda s: s["index"])
-    return data, [[list(b) for b in s["buckets"]] for s in segments]
+    return data, calibration_bucket_lists(data)
 
 
 def calibration_buckets(path: str | Path, plan, torch_model) -> list:
     """The buckets of a calibration.json checked against this export's model and method
-    (sparsevlm.calibration.store.check_calibration)."""
-    from sparsevlm.calibration.store import check_calibration
+    (sparsevlm.methods.profiles.check_calibration)."""
+    from sparsevlm.methods.profiles import check_calibration
     vision_width = plan.fastervlm_keep if plan.method == "fastervlm" else plan.num_visual
     return check_calibration(load_calibration(path)[0], path, plan.config.to_dict(), config_sha256(torch_model),
                              len(plan.prune_layers), vision_width, profile_lib.static_widths(plan))

@@ -11,7 +11,6 @@ prompt regions share the ranges below.
 
 from __future__ import annotations
 
-from sparsevlm.methods import token_ops
 from sparsevlm.methods.config import PrunePlan
 
 SHARED_RANGES = {"batch": [1, 1, 8], "prefix_len": [0, 8, 128], "text_len": [1, 32, 512]}
@@ -20,14 +19,12 @@ DEFAULT_RANK_BUCKETS = 4
 
 
 def static_widths(plan: PrunePlan) -> list[int] | None:
-    """Visual width after each pruning layer when it does not depend on the input."""
-    if plan.method == "fastv":
-        return [plan.fastv_keep]
-    if plan.method == "sparsevlm" and plan.variant == "v1.5":
+    """Visual width after each pruning layer when it does not depend on the input (the
+    plan's width rule applied to its fixed keep counts)."""
+    if plan.method == "fastv" or (plan.method == "sparsevlm" and plan.variant == "v1.5"):
         widths, v = [], plan.num_visual
         for position in range(len(plan.prune_layers)):
-            k = plan.keep_count(position, v, None)
-            v = k + (token_ops.recycled_count(v - k) if plan.recycles else 0)
+            v = plan.region_width(v, plan.keep_count(position, v, None))
             widths.append(v)
         return widths
     return None

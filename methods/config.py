@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from . import token_ops
+
 METHODS = ("none", "sparsevlm", "fastervlm", "fastv")
 SPARSEVLM_VARIANTS = ("v1.5", "v1.0", "paper")
 
@@ -109,6 +111,20 @@ class PrunePlan:
             return min(max(int(rank * self.scale + self.bias), 0), visual_count - 1)
         deleted = int(self.lam * (visual_count - rank))  # paper
         return visual_count if deleted == 0 else max(visual_count - deleted, 0)
+
+    def region_width(self, visual_count: int, keep: int) -> int:
+        """The width rule: visual region width, for one row, of the segment after a pruning
+        layer that keeps `keep` of `visual_count` tokens: the kept tokens plus the merged
+        (recycled) ones SparseVLM inserts; FastV's TopKTokenSelect has the static width k.
+        A batch runs at the max over its rows; export's static widths, calibration's
+        per-sample widths and the generation loop all call this."""
+        if self.method == "fastv":
+            return self.fastv_keep
+        return keep + self.recycled_count(visual_count, keep)
+
+    def recycled_count(self, visual_count: int, keep: int) -> int:
+        """Merged tokens inserted after keeping `keep` of `visual_count` (0 without recycling)."""
+        return token_ops.recycled_count(visual_count - keep) if self.recycles else 0
 
     def trace_method(self) -> dict:
         """The `method` object of the trace JSON."""

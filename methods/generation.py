@@ -19,6 +19,7 @@ import torch
 
 from . import token_ops
 from .config import PrunePlan
+from .profiles import ProfileChoice
 from .segments import DecodeStep, PrefillSegment, SegmentSpec, VisionEncoder, plan_segments
 
 TRACE_SCHEMA = "sparsevlm-trace/1"
@@ -159,6 +160,7 @@ class PrefillResult:
     segment_lengths: list[list[int]]  # per segment: valid tokens per row entering its layers
     segment_widths: list[int]  # per segment: padded sequence width
     timings: dict = field(default_factory=dict)
+    profile_choices: list = field(default_factory=list)  # per pruned segment: what the width policy returned
 
 
 def _keep_decisions(plan: PrunePlan, position: int, out: dict, rater_mask):
@@ -173,9 +175,12 @@ def _keep_decisions(plan: PrunePlan, position: int, out: dict, rater_mask):
 
 
 def prefill(executor, plan: PrunePlan, batch: RegionBatch, pixel_values: torch.Tensor,
-            on_segment: Callable[[int, dict], None] | None = None) -> PrefillResult:
+            width_policy: Callable[[int, int], ProfileChoice] | None = None) -> PrefillResult:
     """Vision + prefill segments. Between segments, picks each row's keep count and the next
-    visual width W = max over rows of (kept + recycled); `on_segment(index, info)` sees it."""
+    visual width W = max over rows of `plan.region_width` (kept + recycled). The loop owns W:
+    `width_policy(segment, W)` (a pure function, e.g. the runtime's profile rule) says the
+    width to run (`padded_width` >= W, the padding masked); its answers come back in
+    `PrefillResult.profile_choices`. Without a policy, W is run as is."""
     specs: list[SegmentSpec] = plan_segments(plan)
     timings = {}
     t0 = time.perf_counter()
@@ -197,6 +202,7 @@ def prefill(executor, plan: PrunePlan, batch: RegionBatch, pixel_values: torch.T
               "text_ids": batch.text_ids, "text_valid": batch.text_valid}
     caches, lengths, widths = [], [], []
     rater_mask = None
+    choices: list[ProfileChoice] = []
     out: dict = {}  # the previous segment's outputs
     t0 = time.perf_counter()
     for spec in specs:
@@ -206,17 +212,18 @@ def prefill(executor, plan: PrunePlan, batch: RegionBatch, pixel_values: torch.T
                       "visual_valid": prev["visual_valid"], "text_valid": batch.text_valid,
                       "scores": prev["scores"]}
             counts, ranks, keeps = _keep_decisions(plan, position, prev, rater_mask)
+            recycled = [plan.recycled_count(v, k) for v, k in zip(counts, keeps)]
+            width = max(plan.region_width(v, k) for v, k in zip(counts, keeps))
+            if width_policy is not None:
+                choice = width_policy(spec.index, width)
+                choices.append(choice)
+                width = choice.padded_width
             if plan.method == "sparsevlm":
-                recycled = [token_ops.recycled_count(v - k) if plan.recycles else 0 for v, k in zip(counts, keeps)]
-                width = max(k + c for k, c in zip(keeps, recycled))
                 inputs.update(rater_mask=rater_mask, keep_count=torch.tensor(keeps, dtype=torch.long),
                               visual_width=torch.zeros(width, dtype=torch.long))
             else:  # fastv: TopKTokenSelect's k is fixed in the graph
-                recycled, width = [0] * rows, plan.fastv_keep
                 inputs["positions"] = prev["positions"]
             decision = LayerDecision(plan.prune_layers[position], [], keeps, ranks, recycled, counts, width)
-            if on_segment is not None:
-                on_segment(spec.index, {"decision": decision, "inputs": inputs})
         out = executor.segment(spec.index, inputs)
         if spec.index == 0 and "rater_mask" in out:
             rater_mask = out["rater_mask"]
@@ -232,7 +239,7 @@ def prefill(executor, plan: PrunePlan, batch: RegionBatch, pixel_values: torch.T
         lengths.append(key_valid.sum(dim=1).tolist())
         widths.append(key_valid.shape[1])
     timings["prefill"] = time.perf_counter() - t0
-    return PrefillResult(out["logits"], caches, decisions, lengths, widths, timings)
+    return PrefillResult(out["logits"], caches, decisions, lengths, widths, timings, choices)
 
 
 def _update_visual_ids(visual_ids, sources, num_visual, next_id, decision: LayerDecision):
@@ -361,19 +368,21 @@ class GenerationOutput:
     trace: dict  # sparsevlm-trace/1
     accounting: dict  # token counts and FLOPs per row (accounting.py)
     timings: dict  # seconds: vision, prefill, decode
-    profiles: list = field(default_factory=list)  # per segment: the profile the runtime chose
+    profiles: list = field(default_factory=list)  # per pruned segment: the width policy's choice (to_json)
 
 
 def generate(executor, plan: PrunePlan, input_ids: list[list[int]], pixel_values: torch.Tensor, *,
              image_token_id: int, image_size: int, text_config, params: SamplingParams,
              pad_id: int = 0, on_token: Callable[[int, torch.Tensor], None] | None = None,
-             on_segment: Callable[[int, dict], None] | None = None) -> GenerationOutput:
-    """Run the method end to end on `executor`. `on_token(step, tokens[B])` streams tokens."""
+             width_policy: Callable[[int, int], ProfileChoice] | None = None) -> GenerationOutput:
+    """Run the method end to end on `executor`. `on_token(step, tokens[B])` streams tokens;
+    `width_policy` as in `prefill` (its choices are returned in `profiles`). Keeps no state
+    between calls, so concurrent calls on one executor are independent."""
     from .accounting import run_accounting
 
     batch = make_region_batch(input_ids, image_token_id, plan.num_visual, pad_id)
     check_pixel_values(pixel_values, image_size, len(input_ids))
-    result = prefill(executor, plan, batch, pixel_values, on_segment)
+    result = prefill(executor, plan, batch, pixel_values, width_policy)
     steps = []
     t0 = time.perf_counter()
     for step, tokens in enumerate(decode_tokens(executor, plan_segments(plan), result, params, pad_id)):
@@ -387,4 +396,4 @@ def generate(executor, plan: PrunePlan, input_ids: list[list[int]], pixel_values
     accounting = run_accounting(text_config.num_hidden_layers, text_config.hidden_size,
                                 text_config.intermediate_size, plan.num_visual, text_tokens,
                                 result.decisions, plan.method)
-    return GenerationOutput(sequences, trace, accounting, timings)
+    return GenerationOutput(sequences, trace, accounting, timings, [c.to_json() for c in result.profile_choices])

@@ -24,7 +24,7 @@ from sparsevlm.export.manifest import ArtifactError
 from sparsevlm.methods.generation import InputError
 
 from .artifact import Artifact
-from .profiles import ProfileError
+from sparsevlm.methods.profiles import ProfileError, profile_for_shapes
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
@@ -34,9 +34,8 @@ def graph_names(artifact: Artifact) -> list[str]:
 
 
 class GraphExecutor:
-    """The executor interface over named graphs: subclasses implement `_run(graph, inputs)`.
-    (Triton's BLS executor in triton_models/ has the same three calls; it cannot import this
-    class, because the Triton stub loads it before `sparsevlm` is on its path.)"""
+    """The executor interface over named graphs: subclasses implement `_run(graph, inputs)`
+    (also Triton's BLS executor, sparsevlm.runtime.triton.bls)."""
 
     def _run(self, name: str, inputs: dict) -> dict:
         raise NotImplementedError
@@ -225,7 +224,10 @@ class TensorRTExecutor(GraphExecutor):
     context per optimization profile; inputs and outputs as CUDA torch tensors.
 
     - Inputs are cast to each engine tensor's dtype and copied to 256-byte aligned memory
-      when they are not aligned; their shapes are checked against the selected profile.
+      when they are not aligned. Each call runs on the context of the profile its input
+      shapes select (`profile_for_shapes`, the runtime's profile rule: for a pruning segment
+      the bucket of the visual width the loop runs at); no profile is remembered between
+      calls, so concurrent callers cannot change each other's choice.
     - Version-compatible plans get engine host code allowed; plans built with
       --exclude-lean-runtime are read by a lean runtime library (`lean_runtime`, see
       `find_lean_runtime`) loaded with `Runtime.load_runtime`, with the plugin library
@@ -275,7 +277,7 @@ class TensorRTExecutor(GraphExecutor):
                                       for index in range(engine.num_optimization_profiles))
         self.device_memory = empty_aligned((max(self.device_memory_size, 1),), torch.uint8, self.device)
         self._empty_placeholder = empty_aligned((TENSOR_ALIGNMENT,), torch.uint8, self.device)
-        self.contexts, self.profile = {}, {}
+        self.contexts = {}
         for name, engine in self.engines.items():
             self.contexts[name] = []
             for index in range(engine.num_optimization_profiles):
@@ -288,7 +290,6 @@ class TensorRTExecutor(GraphExecutor):
                     raise RuntimeError(f"tensorrt backend: graph {name!r}: TensorRT could not select "
                                        f"optimization profile {index}; see the TensorRT log above")
                 self.contexts[name].append(context)
-            self.profile[name] = 0
         self.order.synchronize()
         self._lock = threading.Lock()  # a context's addresses and shapes belong to one call at a time
 
@@ -311,12 +312,21 @@ class TensorRTExecutor(GraphExecutor):
         self._runtimes[loading] = (runtime, parent)  # the parent must outlive what it loaded
         return runtime
 
-    def select_profile(self, graph: str, index: int) -> None:
-        count = len(self.contexts[graph])
-        if not 0 <= index < count:
-            raise ProfileError(f"tensorrt backend: graph {graph!r} has {count} optimization profile(s); "
-                               f"got profile {index}")
-        self.profile[graph] = index
+    def profile_for(self, name: str, shapes: dict[str, tuple]) -> int:
+        """The optimization profile that runs graph `name` at these input shapes, or a
+        ProfileError saying which input lies outside which profile."""
+        engine = self.engines[name]
+        bounds = [{tensor: tuple(tuple(int(d) for d in bound) for bound in engine.get_tensor_profile_shape(tensor, index))
+                   for tensor in shapes} for index in range(engine.num_optimization_profiles)]
+        profile = profile_for_shapes(bounds, shapes)
+        if profile is not None:
+            return profile
+        reasons = [next(error for tensor, shape in shapes.items()
+                        if (error := profile_shape_error(name, tensor, shape, index, bounds[index][tensor])))
+                   for index in range(len(bounds))]
+        raise ProfileError(reasons[0] if len(reasons) == 1 else
+                           f"tensorrt backend: graph {name!r}: the input shapes fit none of its {len(reasons)} "
+                           "optimization profiles: " + "; ".join(r.split(": ", 1)[1] for r in reasons))
 
     def _set_address(self, graph: str, context, tensor: str, value: torch.Tensor) -> None:
         # An empty tensor's data_ptr() is 0, and TensorRT wants a non-null address for every
@@ -329,14 +339,14 @@ class TensorRTExecutor(GraphExecutor):
 
     def _run(self, name: str, inputs: dict) -> dict:
         trt, engine = self.trt, self.engines[name]
-        profile = self.profile[name]
-        context = self.contexts[name][profile]
         rename = self.artifact.output_names(name)
         tensors = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         is_input = {t: engine.get_tensor_mode(t) == trt.TensorIOMode.INPUT for t in tensors}
         absent = [t for t in tensors if is_input[t] and t not in inputs]
         if absent:
             raise InputError(f"tensorrt backend: graph {name!r} needs input(s) {absent}; got {sorted(inputs)}")
+        profile = self.profile_for(name, {t: tuple(inputs[t].shape) for t in tensors if is_input[t]})
+        context = self.contexts[name][profile]
         bound, outputs = [], {}
         with self._lock:
             for tensor in (t for t in tensors if is_input[t]):
@@ -344,13 +354,9 @@ class TensorRTExecutor(GraphExecutor):
                 value = aligned(inputs[tensor].to(device="cpu" if host else self.device,
                                                   dtype=torch_dtype(engine.get_tensor_dtype(tensor))))
                 shape = tuple(value.shape)
-                bounds = engine.get_tensor_profile_shape(tensor, profile)
-                error = profile_shape_error(name, tensor, shape, profile, bounds)
-                if error is None and not context.set_input_shape(tensor, shape):
-                    error = (f"tensorrt backend: graph {name!r}, input {tensor!r}: TensorRT rejected shape "
-                             f"{list(shape)} in optimization profile {profile}")
-                if error is not None:
-                    raise ProfileError(error)
+                if not context.set_input_shape(tensor, shape):
+                    raise ProfileError(f"tensorrt backend: graph {name!r}, input {tensor!r}: TensorRT rejected "
+                                       f"shape {list(shape)} in optimization profile {profile}")
                 self._set_address(name, context, tensor, value)
                 bound.append(value)
             for tensor in (t for t in tensors if not is_input[t]):

@@ -1,5 +1,8 @@
-"""`Pipeline`: an exported artifact + a backend -> answers, with the profile planner between
-segments. The generation loop itself is the one in sparsevlm.methods.generation."""
+"""`Pipeline`: an exported artifact + a backend -> answers. The generation loop itself is the
+one in sparsevlm.methods.generation; between segments it asks the artifact's profile rule
+(`SegmentProfiles`, sparsevlm.methods.profiles) which width to run, and returns the choices
+with the tokens. A Pipeline keeps no state between calls: several threads may call
+`generate` on one Pipeline at once (the executors' own calls are thread-safe)."""
 
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from sparsevlm.methods.inputs import InputBounds, load_image, prepare_inputs  # 
 
 from .artifact import Artifact
 from .backends import BACKENDS, OnnxRuntimeExecutor, TensorRTExecutor, torch_executor
-from .profiles import ProfilePlanner
+from .profiles import SegmentProfiles
 
 
 @dataclass
@@ -35,7 +38,8 @@ class RunOutput:
 class Pipeline:
     def __init__(self, artifact: Artifact, executor, backend: str):
         self.artifact, self.executor, self.backend = artifact, executor, backend
-        self.planner = ProfilePlanner(artifact.manifest)
+        # Read-only configuration: the per-segment profiles and the rule that picks one.
+        self.profile_policy = SegmentProfiles.from_manifest(artifact.manifest)
         self.processor = artifact.processor()
         self.model_info = info = artifact.manifest["model"]
         # What the accounting needs of the language model (FLOPs per layer), from the manifest.
@@ -59,16 +63,6 @@ class Pipeline:
             executor = TensorRTExecutor(artifact, plugin_library)
         return cls(artifact, executor, backend)
 
-    def _plan_segment(self, index: int, info: dict) -> None:
-        """Between segments: choose the profile for the visual width the method asked for."""
-        decision, inputs = info["decision"], info["inputs"]
-        choice = self.planner.choose(index, decision.width)
-        if choice.padded_width != decision.width:
-            inputs["visual_width"] = torch.zeros(choice.padded_width, dtype=torch.long)
-            decision.width = choice.padded_width
-        if hasattr(self.executor, "select_profile"):
-            self.executor.select_profile(f"segment_{index}", choice.profile)
-
     def generate_ids(self, input_ids: list[list[int]], pixel_values: torch.Tensor, params: SamplingParams,
                      on_token=None) -> generation.GenerationOutput:
         """Generate from token ids and pixel values (checked against `self.bounds` first)."""
@@ -77,13 +71,10 @@ class Pipeline:
         self.bounds.check_new_tokens(params.max_new_tokens)
         self.bounds.check_lengths(input_ids, params.max_new_tokens)
         self.bounds.check_pixel_values(pixel_values, len(input_ids), info["image_size"])
-        self.planner.reset()
-        out = generation.generate(self.executor, self.artifact.plan, input_ids, pixel_values,
-                                  image_token_id=info["image_token_id"], image_size=info["image_size"],
-                                  text_config=self.text_shape, params=params, pad_id=info["pad_token_id"],
-                                  on_token=on_token, on_segment=self._plan_segment)
-        out.profiles = [c.to_json() for c in self.planner.choices]
-        return out
+        return generation.generate(self.executor, self.artifact.plan, input_ids, pixel_values,
+                                   image_token_id=info["image_token_id"], image_size=info["image_size"],
+                                   text_config=self.text_shape, params=params, pad_id=info["pad_token_id"],
+                                   on_token=on_token, width_policy=self.profile_policy.choose)
 
     def prepare(self, images, prompts: list[str], max_new_tokens: int = 32) -> dict:
         """Check and encode requests (docs/inputs.md): InputError naming the input and row for

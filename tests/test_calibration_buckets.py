@@ -16,7 +16,8 @@ import statistics
 
 import pytest
 
-from sparsevlm.calibration.buckets import choose_buckets
+from sparsevlm.calibration.buckets import Bucket, choose_buckets, serving_cost
+from sparsevlm.methods.profiles import ProfileError, SegmentProfiles
 
 
 def runtime_padding(intervals, length):
@@ -142,3 +143,38 @@ def test_opt_is_the_median_of_a_bucket():
 def test_bad_arguments(lengths, max_buckets, coverage, message):
     with pytest.raises(ValueError, match=message):
         choose_buckets(lengths, max_buckets, coverage)
+
+
+# The runtime's profile rule and calibration's price are one function (sparsevlm.methods.profiles).
+
+OVERLAPPING = [[(1, 50, 100), (1, 20, 40)], [(10, 15, 20), (30, 40, 50), (60, 60, 60)],
+               [(60, 60, 60), (30, 40, 50), (10, 15, 20)], [(5, 9, 30), (5, 6, 30), (20, 25, 90)],
+               [(20, 30, 90), (20, 25, 40), (50, 60, 60)]]
+
+
+def test_overlapping_profiles_hand_case():
+    """Width 30 in [(1, 50, 100), (1, 20, 40)]: the runtime runs profile 1 (the smaller max,
+    not the first containing one) and calibration prices exactly that: 40 - 30."""
+    policy = SegmentProfiles({1: [(1, 50, 100), (1, 20, 40)]})
+    assert policy.choose(1, 30).profile == 1
+    assert serving_cost([Bucket(1, 50, 100), Bucket(1, 20, 40)], 30) == 10
+    assert policy.choose(1, 41).profile == 0 and serving_cost([Bucket(1, 50, 100), Bucket(1, 20, 40)], 41) == 59
+
+
+@pytest.mark.parametrize("profiles", OVERLAPPING)
+def test_calibration_prices_the_profile_the_runtime_runs(profiles):
+    policy = SegmentProfiles({1: profiles})
+    buckets = [Bucket(*p) for p in profiles]
+    for width in range(0, max(high for _, _, high in profiles) + 3):
+        containing = [p for p in profiles if p[0] <= width <= p[2]]
+        larger = [p for p in profiles if p[0] > width]
+        if not containing and not larger:
+            with pytest.raises(ProfileError):
+                policy.choose(1, width)
+            assert serving_cost(buckets, width) is None
+            continue
+        choice = policy.choose(1, width)
+        assert serving_cost(buckets, width) == choice.bounds[2] - width
+        # brute force: the cheapest containing profile, else the cheapest of those starting nearest above
+        pool = containing or [p for p in larger if p[0] == min(q[0] for q in larger)]
+        assert choice.bounds[2] == min(p[2] for p in pool), width

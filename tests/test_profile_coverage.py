@@ -2,13 +2,15 @@
 `sparsevlm-build` would build it (`plan_engines(manifest)`: each input's min/max shapes).
 
 A recording executor wraps the ONNX Runtime executor and keeps, for every call of every
-graph, the shape of each graph input, plus the profile the runtime selected for it (the
-runtime tells the executor through `select_profile`, as it tells TensorRT's). Then:
+graph, the shape of each graph input, plus the profile the TensorRT executor would run it
+in: `profile_for_shapes` (the pure function `TensorRTExecutor` calls) over the engine
+profiles `sparsevlm-build` builds and the recorded shapes. Then:
 
 - vision, segment 0 and decode: some profile of the graph contains the call;
-- a segment that starts by pruning: the profile the planner chose contains the call (all
+- a segment that starts by pruning: the profile found from the shapes contains the call (all
   inputs: `visual_in`/`seq_in` come from the previous segment, `visual_width` from the
-  bucket), and it is the choice reported in the run output;
+  bucket), and it is the choice the runtime's profile rule reported in the run output (so
+  the executor, from the shapes alone, and the runtime agree);
 - decode at the real new-token bound (`MAX_NEW_TOKENS`): runs here stop after a few tokens,
   so the cache lengths of the last call of a `MAX_NEW_TOKENS` generation are extrapolated
   from the recorded steps (which grow by exactly one per step), and each `past_len_<s>`
@@ -41,6 +43,7 @@ from sparsevlm.export import profiles as profile_lib  # noqa: E402
 from sparsevlm.export.exporter import calibration_buckets, export  # noqa: E402
 from sparsevlm.export.trt_build import plan_engines  # noqa: E402
 from sparsevlm.methods.loading import load_model  # noqa: E402
+from sparsevlm.methods.profiles import profile_for_shapes  # noqa: E402
 from sparsevlm.runtime import Pipeline  # noqa: E402
 from sparsevlm.runtime.artifact import Artifact  # noqa: E402
 
@@ -74,23 +77,23 @@ _CALIBRATED_PIPELINES: dict = {}
 class RecordingExecutor:
     """Forwards every call to `inner` and records each graph call's input shapes (only the
     graph's own inputs, as the ONNX Runtime and TensorRT executors feed them) and the
-    profile selected for that graph since its previous call (None: no selection)."""
+    profile the TensorRT executor picks for them (None: no profile holds the call)."""
 
     def __init__(self, inner, manifest: dict):
         self.inner = inner
         self.graph_inputs = {name: [spec["name"] for spec in graph["inputs"]]
                              for name, graph in manifest["graphs"].items()}
-        self.selected: dict = {}
+        # What TensorRTExecutor reads from its engines: per profile, each input's (min, opt, max).
+        self.engine_profiles = {plan.name: [{spec.name: (spec.min, spec.opt, spec.max) for spec in profile}
+                                            for profile in plan.profiles] for plan in plan_engines(manifest)}
         self.calls: list[dict] = []
-
-    def select_profile(self, graph: str, index: int) -> None:
-        self.selected[graph] = index
 
     def _record(self, graph: str, inputs: dict) -> None:
         missing = [name for name in self.graph_inputs[graph] if name not in inputs]
         assert not missing, f"{graph}: the runtime did not pass the graph inputs {missing}"
         shapes = {name: tuple(inputs[name].shape) for name in self.graph_inputs[graph]}
-        self.calls.append({"graph": graph, "shapes": shapes, "profile": self.selected.pop(graph, None)})
+        profile = profile_for_shapes(self.engine_profiles[graph], shapes)
+        self.calls.append({"graph": graph, "shapes": shapes, "profile": profile})
 
     def vision(self, pixel_values):
         self._record("vision", {"pixel_values": pixel_values})
@@ -137,7 +140,7 @@ def call_problems(plans: dict, call: dict, pruning_graphs: set) -> list[str]:
     if graph in pruning_graphs:
         chosen = call["profile"]
         if chosen is None:
-            return [f"{graph}: no profile was selected before the call"]
+            return [f"{graph}: no profile holds the call {shapes}"]
         problems = outside(profiles[chosen], shapes)
         return [f"{graph} in its chosen profile {chosen}: {p}" for p in problems]
     if any(not outside(profile, shapes) for profile in profiles):
@@ -285,7 +288,7 @@ def test_every_graph_call_fits_its_profile(name, pipeline_of, inputs_images):  #
         assert graphs == ["vision"] + [s["graph"] for s in manifest["segments"]] + ["decode"] * (NEW_TOKENS - 1)
         for call in calls:
             problems += [f"batch {batch}: {p}" for p in call_problems(plans, call, pruning_graphs)]
-        # the selection the executor saw is the choice the run output reports
+        # the profile the TensorRT executor finds from the shapes is the choice the run output reports
         chosen = {c["graph"]: c["profile"] for c in calls if c["graph"] in pruning_graphs}
         assert chosen == {f"segment_{c['segment']}": c["profile"] for c in out.profiles}
         # each segment caches the visual region its own layers ran at (the premise of the

@@ -21,7 +21,7 @@ from export_helpers import (EXTRA_BUDGETS, NEW_TOKENS, PRIMARY, PROMPTS, artifac
 from sparsevlm.export.manifest import ArtifactError
 from sparsevlm.methods.generation import InputError, validate_trace
 from sparsevlm.runtime import Pipeline, ProfileError, load_image, select_profile
-from sparsevlm.runtime.profiles import ProfilePlanner
+from sparsevlm.runtime.profiles import SegmentProfiles
 
 # v1.5 budgets 128/64 at batch 3 only: batch 1 is covered by the budget-192 and other methods.
 CASES = [(name, batch) for name in PRIMARY for batch in (1, 3)] + [(name, 3) for name in EXTRA_BUDGETS]
@@ -89,6 +89,19 @@ def test_select_profile_unordered_buckets_pick_nearest_larger():
     assert (choice.profile, choice.padded_width) == (1, 30)
 
 
+@pytest.mark.parametrize("profiles,width,profile,padded", [
+    ([(1, 50, 100), (1, 20, 40)], 30, 1, 30),  # overlapping: the smaller max, not the first containing
+    ([(1, 50, 100), (1, 20, 40)], 41, 0, 41),  # only the wide one contains it
+    ([(10, 20, 40), (10, 15, 30), (5, 5, 30)], 12, 1, 12),  # equal maxima: the first in manifest order
+    ([(20, 30, 90), (20, 25, 40), (50, 60, 60)], 7, 1, 20),  # padded: among those starting at 20, max 40
+])
+def test_select_profile_prefers_the_cheapest_containing_profile(profiles, width, profile, padded):
+    choice = select_profile(profiles, width)
+    assert (choice.profile, choice.padded_width) == (profile, padded)
+    # the width actually run selects the same profile again (what the TensorRT executor relies on)
+    assert select_profile(profiles, choice.padded_width).profile == profile
+
+
 def test_select_profile_above_every_max_is_an_error():
     with pytest.raises(ProfileError) as info:
         select_profile(BUCKETS, 61, segment=3)
@@ -101,14 +114,14 @@ def test_select_profile_above_every_max_is_an_error():
 def test_planner_reads_manifest_profiles(artifacts):
     from sparsevlm.runtime.artifact import Artifact
     v15 = Artifact.load(artifacts("sparsevlm_v15_b192"))
-    planner = ProfilePlanner(v15.manifest)
+    planner = SegmentProfiles.from_manifest(v15.manifest)
     # v1.5 widths are static: kept (schedule) + recycled after each pruning layer
     assert sorted(planner.profiles) == [1, 2, 3]
     assert [len(p) for p in planner.profiles.values()] == [1, 1, 1]
     assert [p[0][0] == p[0][2] for p in planner.profiles.values()] == [True] * 3
     assert planner.profiles[1][0][0] >= 300 and planner.profiles[2][0][0] >= 200 and planner.profiles[3][0][0] >= 110
     v10 = Artifact.load(artifacts("sparsevlm_v10_b192"))
-    rank = ProfilePlanner(v10.manifest)
+    rank = SegmentProfiles.from_manifest(v10.manifest)
     assert sorted(rank.profiles) == [1, 2, 3, 4]
     for buckets in rank.profiles.values():  # the rank rule: buckets cover 1..576
         assert min(b[0] for b in buckets) == 1 and max(b[2] for b in buckets) == 576
@@ -121,10 +134,9 @@ def test_profile_fallback_pads_and_gives_identical_results(artifacts, inputs_ima
     base = runs(name, "onnxruntime", 3)
     pipe = Pipeline.load(artifacts(name), backend="onnxruntime", threads=2)
     widths = [p["width"] for p in base.profiles]
-    for choice in base.profiles:
-        # force each segment's width between two buckets: [1, w-1] and [w+5, 700]
-        w = choice["width"]
-        pipe.planner.profiles[choice["segment"]] = [(1, 1, w - 1), (w + 5, w + 5, 700)]
+    # force each segment's width between two buckets: [1, w-1] and [w+5, 700]
+    pipe.profile_policy = SegmentProfiles({c["segment"]: [(1, 1, c["width"] - 1), (c["width"] + 5, c["width"] + 5, 700)]
+                                           for c in base.profiles})
     out = pipe.generate(inputs_images, PROMPTS, max_new_tokens=8, stop_token_ids=())
     assert [p["width"] for p in out.profiles] == widths
     assert [p["padded_width"] for p in out.profiles] == [w + 5 for w in widths]
@@ -135,8 +147,7 @@ def test_profile_fallback_pads_and_gives_identical_results(artifacts, inputs_ima
     assert out.token_ids == [row[:8] for row in base.token_ids]
     np.testing.assert_allclose(out.trace["logits_last"], base.trace["logits_last"], atol=1e-4, rtol=0)
     # and above every max is a clear error, not a silent clamp
-    for segment in pipe.planner.profiles:
-        pipe.planner.profiles[segment] = [(1, 1, 2)]
+    pipe.profile_policy = SegmentProfiles({segment: [(1, 1, 2)] for segment in pipe.profile_policy.profiles})
     with pytest.raises(ProfileError, match="segment 1: visual width"):
         pipe.generate(inputs_images[:1], PROMPTS[:1], max_new_tokens=1)
 

@@ -25,7 +25,7 @@ from sparsevlm.runtime import backends
 from sparsevlm.runtime.artifact import Artifact
 from sparsevlm.runtime.backends import (TENSOR_ALIGNMENT, PlanLoading, TensorRTExecutor, aligned, empty_aligned,
                                         find_lean_runtime, plan_loading, profile_shape_error, torch_dtype)
-from sparsevlm.runtime.profiles import ProfileError
+from sparsevlm.methods.profiles import ProfileError, profile_for_shapes, select_profile
 from sparsevlm.trt_plugins import PLUGIN_NAMESPACE, PluginLibraryError
 
 # ---------------------------------------------------------------------------------------------
@@ -433,26 +433,58 @@ def test_empty_tensors_get_a_non_null_aligned_address(tmp_path, plugin_library):
     assert all(address and address % TENSOR_ALIGNMENT == 0 for address in addresses.values())
 
 
-def test_segment_outputs_are_renamed_and_follow_the_selected_profile(tmp_path, plugin_library):
+def test_segment_outputs_are_renamed_and_run_in_the_profile_their_shapes_select(tmp_path, plugin_library):
     executor, trt = make_executor(tmp_path, plugin_library)
+    contexts = trt.engines["segment_0"].contexts
     hidden = torch.randn(2, 12, 3, generator=torch.Generator().manual_seed(0))
-    executor.select_profile("segment_0", 1)
-    out = executor.segment(0, {"hidden": hidden, "keep_count": torch.tensor([3, 5])})
+    out = executor.segment(0, {"hidden": hidden, "keep_count": torch.tensor([3, 5])})  # only profile 1 holds it
     assert set(out) == {"hidden", "keep_count"}
     assert torch.equal(out["hidden"], hidden * 2 + 1)
     assert torch.equal(out["keep_count"], torch.tensor([7, 11]))
-    assert trt.engines["segment_0"].contexts[1].shapes["hidden"] == (2, 12, 3)
+    assert contexts[1].shapes["hidden"] == (2, 12, 3) and contexts[0].shapes == {}
+    executor.segment(0, {"hidden": torch.zeros(1, 4, 3), "keep_count": torch.tensor([3])})  # only profile 0
+    assert contexts[0].shapes["hidden"] == (1, 4, 3)
+    # nothing is remembered between calls: profile 1 again, from the shapes alone
+    executor.segment(0, {"hidden": torch.zeros(1, 9, 3), "keep_count": torch.tensor([3])})
+    assert contexts[1].shapes["hidden"] == (1, 9, 3)
 
 
-def test_shape_outside_the_profile_is_a_clear_error(tmp_path, plugin_library):
+def test_profile_for_shapes_picks_the_cheapest_profile_holding_every_input():
+    profiles = [{"hidden": ((1, 1, 3), (1, 50, 3), (2, 100, 3)), "ids": ((1,), (1,), (2,))},
+                {"hidden": ((1, 1, 3), (1, 20, 3), (2, 40, 3)), "ids": ((1,), (1,), (2,))},
+                {"hidden": ((1, 1, 3), (1, 20, 3), (2, 40, 3)), "ids": ((1,), (1,), (1,))}]
+    assert profile_for_shapes(profiles, {"hidden": (1, 30, 3), "ids": (2,)}) == 1  # overlap: the smaller max
+    assert profile_for_shapes(profiles, {"hidden": (1, 30, 3), "ids": (1,)}) == 2  # equal hidden: smaller ids max
+    assert profile_for_shapes(profiles, {"hidden": (1, 41, 3), "ids": (1,)}) == 0
+    assert profile_for_shapes(profiles, {"hidden": (1, 101, 3), "ids": (1,)}) is None
+    assert profile_for_shapes(profiles, {"hidden": (1, 30), "ids": (1,)}) is None  # rank
+
+
+@pytest.mark.parametrize("widths", [[(1, 50, 100), (1, 20, 40)], [(10, 15, 20), (30, 40, 50), (60, 60, 60)],
+                                    [(60, 60, 60), (30, 40, 50), (10, 15, 20)], [(5, 9, 30), (5, 6, 30), (20, 25, 90)]])
+def test_profile_for_shapes_agrees_with_the_runtime_rule_on_the_width_run(widths):
+    """A pruning segment's engine profiles differ only in the visual_width bucket: the
+    executor's choice from the shapes is the runtime's choice (select_profile) for every width."""
+    shared = {"hidden": ((1, 1, 8), (1, 300, 8), (8, 600, 8))}
+    profiles = [{**shared, "visual_width": ((low,), (opt,), (high,))} for low, opt, high in widths]
+    for width in range(1, max(high for _, _, high in widths) + 1):
+        choice = select_profile(widths, width)
+        assert profile_for_shapes(profiles, {"hidden": (1, 300, 8), "visual_width": (choice.padded_width,)}) \
+            == choice.profile, width
+
+
+def test_shape_outside_every_profile_is_a_clear_error(tmp_path, plugin_library):
     executor, _ = make_executor(tmp_path, plugin_library)
-    hidden = torch.zeros(1, 12, 3)  # in profile 1, not in profile 0 (the default)
     with pytest.raises(ProfileError) as info:
-        executor.segment(0, {"hidden": hidden, "keep_count": torch.tensor([3])})
-    assert str(info.value) == ("tensorrt backend: graph 'segment_0', input 'hidden': shape [1, 12, 3] is outside "
-                               "optimization profile 0 (min [1, 2, 3], max [2, 8, 3])")
-    with pytest.raises(ProfileError, match=r"graph 'segment_0' has 2 optimization profile\(s\); got profile 2"):
-        executor.select_profile("segment_0", 2)
+        executor.segment(0, {"hidden": torch.zeros(1, 17, 3), "keep_count": torch.tensor([3])})
+    assert str(info.value) == ("tensorrt backend: graph 'segment_0': the input shapes fit none of its 2 optimization "
+                               "profiles: graph 'segment_0', input 'hidden': shape [1, 17, 3] is outside optimization "
+                               "profile 0 (min [1, 2, 3], max [2, 8, 3]); graph 'segment_0', input 'hidden': shape "
+                               "[1, 17, 3] is outside optimization profile 1 (min [1, 9, 3], max [2, 16, 3])")
+    with pytest.raises(ProfileError) as info:  # one profile: its own message
+        executor.vision(torch.zeros(9, 3, 4))
+    assert str(info.value) == ("tensorrt backend: graph 'vision', input 'pixel_values': shape [9, 3, 4] is outside "
+                               "optimization profile 0 (min [1, 3, 4], max [8, 3, 4])")
 
 
 def test_set_input_shape_failure_is_a_clear_error(tmp_path, plugin_library):
@@ -516,8 +548,7 @@ def test_contexts_share_one_device_memory_block_sized_for_the_largest_profile(tm
     assert executor.device_memory.numel() >= 20000 and executor.device_memory.data_ptr() % TENSOR_ALIGNMENT == 0
     assert all(c.calls == ["set_device_memory", "set_optimization_profile_async"] for c in contexts)
     assert [c.profile for c in trt.engines["segment_0"].contexts] == [0, 1]
-    executor.select_profile("segment_0", 1)
-    executor.segment(0, {"hidden": torch.zeros(2, 16, 3), "keep_count": torch.tensor([1, 2])})  # needs 20000
+    executor.segment(0, {"hidden": torch.zeros(2, 16, 3), "keep_count": torch.tensor([1, 2])})  # profile 1: 20000
 
 
 def test_engine_stream_is_ordered_after_the_producer_and_before_the_consumer(tmp_path, plugin_library):
