@@ -4,7 +4,7 @@ python-flavour repository of an artifact (default: the demo model, SparseVLM v1.
     python benchmarks/bench_triton.py [--requests 1000] [--concurrency 16] [--instances 1]
         [--max-batch 8] [--queue-delay-us 5000] [--max-new-tokens 4] [--artifact DIR] [--json FILE]
 
-The server is the nvidia-pytriton tritonserver on 127.0.0.1 (see runtime/TRITON.md; its
+The server is the nvidia-pytriton tritonserver on 127.0.0.1 (see runtime/triton/README.md; its
 environment is $SPARSEVLM_TRITON_ENV or build/triton-env). Requests alternate between HTTP and
 gRPC and cycle over 25 (image, prompt) pairs. Every answer is checked against the in-process
 runtime (onnxruntime). Prints throughput, p50/p90/p99 latency per protocol, failures and
@@ -62,9 +62,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from sparsevlm.runtime import Pipeline
-    from sparsevlm.runtime.triton_client import ClientPool
-    from sparsevlm.runtime.triton_repo import write_repository
-    from sparsevlm.runtime.triton_server import LocalTritonServer
+    from sparsevlm.runtime.triton.client import ClientPool
+    from sparsevlm.runtime.triton.repository import write_repository
+    from sparsevlm.runtime.triton.server import LocalTritonServer
 
     work = Path(tempfile.mkdtemp(prefix="bench-triton-"))
     artifact = args.artifact

@@ -26,7 +26,7 @@ from export_helpers import artifact_root, artifacts, make_images, pipelines  # n
 from test_triton_server import (PROMPTS, _answer, _concurrent, artifact, images_png, png,  # noqa: F401
                                 reference, repo, server)
 
-from sparsevlm.runtime.triton_client import SparseVLMClient, TritonRequestError, build_inputs  # noqa: E402
+from sparsevlm.runtime.triton.client import SparseVLMClient, TritonRequestError, build_inputs  # noqa: E402
 
 NEW_TOKENS = 3
 

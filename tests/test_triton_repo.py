@@ -20,8 +20,8 @@ pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not insta
 from google.protobuf import text_format  # noqa: E402
 from tritonclient.grpc import model_config_pb2  # noqa: E402
 
-from sparsevlm.runtime import triton_repo  # noqa: E402
-from sparsevlm.runtime.triton_repo import RepoError, validate_repository, write_repository  # noqa: E402
+from sparsevlm.runtime.triton import repository as triton_repo  # noqa: E402
+from sparsevlm.runtime.triton.repository import RepoError, validate_repository, write_repository  # noqa: E402
 
 ARTIFACT = "sparsevlm_v15_b192"
 
@@ -60,7 +60,7 @@ def test_python_flavour_configs(artifact, tmp_path):
         assert site_dirs and all(Path(d).is_dir() for d in site_dirs)
     assert not main.model_transaction_policy.decoupled and stream.model_transaction_policy.decoupled
     assert (info.path / "sparsevlm" / "1" / "model.py").read_text() == \
-        (triton_repo.MODELS_DIR / "pipeline_model.py").read_text()
+        (triton_repo.MODELS_DIR / "generate_model.py").read_text()
     assert "tritonserver --model-repository=" in " ".join(info.start_command)
 
 
@@ -159,7 +159,7 @@ def test_cli_writes_validates_and_prints_how_to_start(artifact, tmp_path, capsys
     assert triton_repo.main(["--artifact", str(artifact), "--out", str(out), "--instances", "2", "--max-batch", "4"]) == 0
     printed = capsys.readouterr().out
     assert f"tritonserver --model-repository={out}" in printed
-    assert f"python -m sparsevlm.runtime.triton_repo serve {out}" in printed
+    assert f"python -m sparsevlm.runtime.triton.repository serve {out}" in printed
     assert parse(out / "sparsevlm" / "config.pbtxt").instance_group[0].count == 2
     assert triton_repo.main(["--validate", str(out)]) == 0
     assert triton_repo.main(["--artifact", str(artifact), "--out", str(out)]) == 1  # not empty, no --overwrite

@@ -3,7 +3,7 @@ nvidia-pytriton wheel, Python backend only) on 127.0.0.1, compared with the in-p
 
 Needs `tritonclient[http,grpc]` in this environment and an environment with
 `nvidia-pytriton==0.7.0` and `numpy<2` for the server ($SPARSEVLM_TRITON_ENV, default
-build/triton-env; see runtime/TRITON.md). Skipped with the reason when either is missing.
+build/triton-env; see runtime/triton/README.md). Skipped with the reason when either is missing.
 """
 
 from __future__ import annotations
@@ -24,15 +24,15 @@ pytest.importorskip("tritonclient.grpc", reason="tritonclient[http,grpc] is not 
                     "(pip install 'tritonclient[http,grpc]')")
 pytest.importorskip("tritonclient.http", reason="tritonclient[http] is not installed")
 
-from sparsevlm.runtime.triton_repo import RepoError, validate_repository, write_repository  # noqa: E402
-from sparsevlm.runtime.triton_server import LocalTritonServer, find_server  # noqa: E402
+from sparsevlm.runtime.triton.repository import RepoError, validate_repository, write_repository  # noqa: E402
+from sparsevlm.runtime.triton.server import LocalTritonServer, find_server  # noqa: E402
 
 try:
     find_server()
 except RepoError as _error:
     pytest.skip(f"no usable nvidia-pytriton tritonserver: {_error}", allow_module_level=True)
 
-from sparsevlm.runtime.triton_client import (ClientPool, SparseVLMClient, TritonRequestError,  # noqa: E402
+from sparsevlm.runtime.triton.client import (ClientPool, SparseVLMClient, TritonRequestError,  # noqa: E402
                                              build_inputs)
 
 ARTIFACT = "sparsevlm_v15_b192"  # SparseVLM v1.5, budget 192 (the default method) on the demo model

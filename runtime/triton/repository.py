@@ -2,7 +2,7 @@
 
     sparsevlm-triton --artifact ART --out REPO [--flavour python|tensorrt] [--instances N] [--max-batch B]
 
-Two flavours (see runtime/TRITON.md for the deployment guide):
+Two flavours (see README.md in this folder for the deployment guide):
 
 python    (default) Python-backend models that run `sparsevlm.runtime.Pipeline` in-process:
           `<name>` (request/response, dynamic batching) and `<name>_stream` (decoupled: one
@@ -26,7 +26,7 @@ project's dependencies (torch, transformers, onnxruntime) come from the project 
 Pass `--site-dirs ""` when the stub environment has sparsevlm installed itself.
 
 The launcher for the `tritonserver` bundled in the `nvidia-pytriton` wheel (tests,
-benchmarks, the `serve` subcommand) is `triton_server.py`.
+benchmarks, the `serve` subcommand) is `server.py`.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from pathlib import Path
 from sparsevlm.cli import add_verbose_flag, command
 from sparsevlm.methods.files import atomic_directory
 
-MODELS_DIR = Path(__file__).with_name("triton_models")
+MODELS_DIR = Path(__file__).parent  # the model.py templates: generate_model.py, graph_model.py
 REPO_SCHEMA = "sparsevlm-triton-repo/1"
 FLAVOURS = ("python", "tensorrt")
 DEFAULT_NAME = "sparsevlm"
@@ -264,7 +264,7 @@ def _write_python_flavour(root: Path, name: str, common: dict, *, instances: int
         (root / model / "config.pbtxt").write_text(generate_model_config(
             model, max_batch=max_batch, instances=instances, kind=kind, decoupled=decoupled,
             queue_delay_us=queue_delay_us, params=params))
-        _copy_template("pipeline_model.py", root / model / "1")
+        _copy_template("generate_model.py", root / model / "1")
     return models, []
 
 
@@ -371,7 +371,7 @@ def _write_tensorrt_flavour(root: Path, name: str, common: dict, artifact: Path,
     (root / name / "config.pbtxt").write_text(generate_model_config(
         name, max_batch=max_batch, instances=instances, kind="KIND_CPU", decoupled=False,
         queue_delay_us=queue_delay_us, params=params))
-    _copy_template("pipeline_model.py", root / name / "1")
+    _copy_template("generate_model.py", root / name / "1")
     return [name] + sorted(segment_models.values()), notes
 
 
@@ -391,7 +391,7 @@ def _start_script(needs_trt: bool, plugin_library: str) -> str:
                'EXTRA+=("--backend-config=tensorrt,plugins=$PLUGINS")\n') if needs_trt else "\n"
     return f"""#!/usr/bin/env bash
 # Start Triton on this repository. TRITONSERVER: a full tritonserver (NGC container,
-# /opt/tritonserver/bin/tritonserver), or run `python -m sparsevlm.runtime.triton_repo serve REPO`
+# /opt/tritonserver/bin/tritonserver), or run `python -m sparsevlm.runtime.triton.repository serve REPO`
 # for the tritonserver bundled in the nvidia-pytriton wheel (Python backend only).
 set -euo pipefail
 REPO="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
@@ -409,7 +409,7 @@ def _readme(info: RepoInfo, manifest: dict, instances: int, max_batch: int, site
     for m in info.models:
         lines.append(f"- `{m}/` (`config.pbtxt`, version `1/`)")
     lines += ["", "## Start", "", "```bash", "./start_server.sh            # a full tritonserver on PATH, or TRITONSERVER=...",
-              f"python -m sparsevlm.runtime.triton_repo serve {info.path}   # the nvidia-pytriton server (CPU)",
+              f"python -m sparsevlm.runtime.triton.repository serve {info.path}   # the nvidia-pytriton server (CPU)",
               "```", "",
               "## Request contract", "",
               "Inputs (batch dimension first; send `[1, 1]` per request): `image` (TYPE_STRING: encoded image bytes), "
@@ -557,7 +557,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:
-        from .triton_server import serve
+        from .server import serve
         return serve(argv[1:])
     args = _parser().parse_args(argv)
     if args.validate:
@@ -592,8 +592,8 @@ def main(argv: list[str] | None = None) -> int:
     print("start the server with:")
     print(f"  {shlex.join(info.start_command)}        # a full tritonserver (NGC container)")
     if info.cpu_servable:
-        print(f"  python -m sparsevlm.runtime.triton_repo serve {info.path}        # the nvidia-pytriton server (CPU)")
-    print("then: python -m sparsevlm.runtime.triton_client --url 127.0.0.1:8000 --image IMG --prompt 'What is in the image?'")
+        print(f"  python -m sparsevlm.runtime.triton.repository serve {info.path}        # the nvidia-pytriton server (CPU)")
+    print("then: python -m sparsevlm.runtime.triton.client --url 127.0.0.1:8000 --image IMG --prompt 'What is in the image?'")
     return 1 if problems else 0
 
 

@@ -1,12 +1,12 @@
 """Example client for a repository written by `sparsevlm-triton` (tritonclient, HTTP or gRPC).
 
-    python -m sparsevlm.runtime.triton_client --url 127.0.0.1:8000 --image cat.png --prompt "What is in the image?"
-    python -m sparsevlm.runtime.triton_client --protocol grpc --url 127.0.0.1:8001 --image cat.png \
+    python -m sparsevlm.runtime.triton.client --url 127.0.0.1:8000 --image cat.png --prompt "What is in the image?"
+    python -m sparsevlm.runtime.triton.client --protocol grpc --url 127.0.0.1:8001 --image cat.png \
         --prompt "Describe it." --stream            # tokens as they are generated (the _stream model)
 
 Python:
 
-    from sparsevlm.runtime.triton_client import SparseVLMClient
+    from sparsevlm.runtime.triton.client import SparseVLMClient
     with SparseVLMClient("127.0.0.1:8001", protocol="grpc") as client:
         answer = client.generate(open("cat.png", "rb").read(), "What is in the image?", max_new_tokens=16)
         print(answer.text, answer.token_ids, answer.kept_per_layer)
@@ -186,7 +186,7 @@ class ClientPool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sparsevlm.runtime.triton_client", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m sparsevlm.runtime.triton.client", description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default=None, help="host:port (default 127.0.0.1:8000 for HTTP, :8001 for gRPC)")
     p.add_argument("--protocol", choices=["http", "grpc"], default="http")
     p.add_argument("--model", default=DEFAULT_MODEL)

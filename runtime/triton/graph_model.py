@@ -4,7 +4,7 @@ Used by `sparsevlm-triton --flavour tensorrt --graph-backend onnxruntime`: the T
 flavour's topology (BLS orchestrator + one model per graph, same names and tensors) with
 each graph served from its ONNX file instead of a `tensorrt_plan` engine, so the
 orchestrator runs on a CPU-only server. Config parameters: `artifact`, `graph`,
-`sparsevlm_site_dirs` (see pipeline_model.py), `threads` (onnxruntime intra-op threads).
+`sparsevlm_site_dirs` (see generate_model.py), `threads` (onnxruntime intra-op threads).
 """
 
 import json

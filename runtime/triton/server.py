@@ -1,10 +1,10 @@
 """A local tritonserver from the nvidia-pytriton wheel, for tests, benchmarks and
-`python -m sparsevlm.runtime.triton_repo serve REPO`.
+`python -m sparsevlm.runtime.triton.repository serve REPO`.
 
 `LocalTritonServer` starts the server on 127.0.0.1 with free ports, waits until it is ready,
 and stops it cleanly (process group, Python-backend stubs, /dev/shm regions), following the
 recipe and gotchas in docs/triton-cpu.md. The repositories it
-serves are written by `triton_repo.py`.
+serves are written by `repository.py`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from .triton_repo import RepoError
+from .repository import RepoError
 
 @dataclass
 class PytritonServer:
@@ -41,7 +41,7 @@ def default_server_env() -> Path | None:
     """$SPARSEVLM_TRITON_ENV, else <checkout>/build/triton-env, else this interpreter's env."""
     if os.environ.get("SPARSEVLM_TRITON_ENV"):
         return Path(os.environ["SPARSEVLM_TRITON_ENV"])
-    checkout = Path(__file__).resolve().parent.parent / "build" / "triton-env"
+    checkout = Path(__file__).resolve().parents[2] / "build" / "triton-env"
     if checkout.exists():
         return checkout
     return Path(sys.prefix)

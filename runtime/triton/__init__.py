@@ -1,0 +1,1 @@
+"""sparsevlm.runtime.triton: serving exported artifacts on Triton Inference Server (README.md)."""
