@@ -20,8 +20,10 @@ pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not insta
 from google.protobuf import text_format  # noqa: E402
 from tritonclient.grpc import model_config_pb2  # noqa: E402
 
-from sparsevlm.runtime.triton import repository as triton_repo  # noqa: E402
-from sparsevlm.runtime.triton.repository import RepoError, validate_repository, write_repository  # noqa: E402
+from sparsevlm.runtime.triton import RepoError, cli, repository  # noqa: E402
+from sparsevlm.runtime.triton.config_text import NAME_TO_TRITON  # noqa: E402
+from sparsevlm.runtime.triton.repository import write_repository  # noqa: E402
+from sparsevlm.runtime.triton.validation import validate_repository  # noqa: E402
 
 ARTIFACT = "sparsevlm_v15_b192"
 
@@ -60,7 +62,7 @@ def test_python_flavour_configs(artifact, tmp_path):
         assert site_dirs and all(Path(d).is_dir() for d in site_dirs)
     assert not main.model_transaction_policy.decoupled and stream.model_transaction_policy.decoupled
     assert (info.path / "sparsevlm" / "1" / "model.py").read_text() == \
-        (triton_repo.MODELS_DIR / "generate_model.py").read_text()
+        repository.MODEL_SHIM.read_text()
     assert "tritonserver --model-repository=" in " ".join(info.start_command)
 
 
@@ -90,7 +92,7 @@ def test_tensorrt_flavour_from_the_manifest(artifact, manifest, tmp_path):
         assert [o.name for o in config.output] == [o["name"] for o in entry["outputs"]]
         for tensor, spec in zip(list(config.input) + list(config.output), entry["inputs"] + entry["outputs"]):
             assert len(tensor.dims) == len(spec["shape"])
-            assert model_config_pb2.DataType.Name(tensor.data_type) == triton_repo.NAME_TO_TRITON[spec["dtype"]]
+            assert model_config_pb2.DataType.Name(tensor.data_type) == NAME_TO_TRITON[spec["dtype"]]
         (group,) = config.instance_group
         assert group.kind == model_config_pb2.ModelInstanceGroup.KIND_GPU and group.count == 2
         assert list(group.profile) == [str(i) for i in range(len(entry["profiles"]))]
@@ -156,15 +158,77 @@ def test_validation_pinpoints_broken_repositories(artifact, tmp_path):
 
 def test_cli_writes_validates_and_prints_how_to_start(artifact, tmp_path, capsys):
     out = tmp_path / "repo"
-    assert triton_repo.main(["--artifact", str(artifact), "--out", str(out), "--instances", "2", "--max-batch", "4"]) == 0
+    assert cli.main(["--artifact", str(artifact), "--out", str(out), "--instances", "2", "--max-batch", "4"]) == 0
     printed = capsys.readouterr().out
     assert f"tritonserver --model-repository={out}" in printed
-    assert f"python -m sparsevlm.runtime.triton.repository serve {out}" in printed
+    assert f"python -m sparsevlm.runtime.triton serve {out}" in printed
     assert parse(out / "sparsevlm" / "config.pbtxt").instance_group[0].count == 2
-    assert triton_repo.main(["--validate", str(out)]) == 0
-    assert triton_repo.main(["--artifact", str(artifact), "--out", str(out)]) == 1  # not empty, no --overwrite
+    assert cli.main(["--validate", str(out)]) == 0 and capsys.readouterr().out.strip() == "valid"
+    assert cli.main(["validate", str(out)]) == 0 and capsys.readouterr().out.strip() == "valid"
+    assert cli.main(["--artifact", str(artifact), "--out", str(out)]) == 1  # not empty, no --overwrite
     assert "exists and is not empty" in capsys.readouterr().err
-    assert triton_repo.main(["--artifact", str(tmp_path / "nothing"), "--out", str(tmp_path / "r2")]) == 1
+    assert cli.main(["--artifact", str(tmp_path / "nothing"), "--out", str(tmp_path / "r2")]) == 1
     assert "not a directory" in capsys.readouterr().err
     with pytest.raises(RepoError, match="flavour"):
         write_repository(artifact, tmp_path / "r3", flavour="onnx")
+
+
+def test_a_tensor_type_triton_cannot_serve_is_refused(manifest, tmp_path):
+    """A manifest tensor type outside the Triton table is refused naming the graph and tensor
+    (it used to be written as TYPE_FP32)."""
+    art = tmp_path / "art"
+    art.mkdir()
+    synthetic = json.loads(json.dumps(manifest))
+    synthetic["files"] = {}
+    synthetic["graphs"]["decode"]["inputs"][0]["dtype"] = "complex64"
+    (art / "manifest.json").write_text(json.dumps(synthetic))
+    tensor = synthetic["graphs"]["decode"]["inputs"][0]["name"]
+    with pytest.raises(RepoError, match=f"graph 'decode' tensor\\(s\\) \\['{tensor}'\\]"):
+        write_repository(art, tmp_path / "repo", flavour="tensorrt")
+    assert not (tmp_path / "repo").exists()
+
+
+def test_validation_reports_an_artifact_that_does_not_load(artifact, tmp_path):
+    info = write_repository(artifact, tmp_path / "repo", copy_artifact=True, streaming=False)
+    (info.path / "artifact" / "manifest.json").write_text("{")
+    problems = validate_repository(info.path)
+    assert len(problems) == 1 and problems[0].startswith("sparsevlm: artifact:") and "not valid JSON" in problems[0]
+
+
+def test_model_py_is_a_shim_that_loads_the_serving_model(artifact, manifest, tmp_path, monkeypatch):
+    """Each Python model's model.py adds `sparsevlm_site_dirs` to the path and hands its calls
+    to the class `serving_model` names: here the onnxruntime graph model, initialized as the
+    stub would (its Triton module faked: initialize does not use it)."""
+    import importlib.util
+    import sys
+    import types
+
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    info = write_repository(artifact, tmp_path / "repo", flavour="tensorrt", graph_backend="onnxruntime",
+                            site_dirs=[str(site_dir)])
+    model_dir = info.path / "sparsevlm_vision"
+    config = parse(model_dir / "config.pbtxt")
+    assert config.parameters["serving_model"].string_value == repository.GRAPH_MODEL
+    assert parse(info.path / "sparsevlm" / "config.pbtxt").parameters["serving_model"].string_value == \
+        repository.GENERATE_MODEL
+    spec = importlib.util.spec_from_file_location("model", model_dir / "1" / "model.py")
+    shim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shim)
+    from google.protobuf import json_format
+
+    args = {"model_config": json.dumps(json_format.MessageToDict(config, preserving_proto_field_name=True)),
+            "model_repository": str(model_dir), "model_name": "sparsevlm_vision"}
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    loaded = [name for name in sys.modules if name.startswith("sparsevlm.runtime.triton.")]
+    try:
+        model = shim.TritonPythonModel()
+        model.initialize(args)
+        assert str(site_dir) in sys.path
+        assert type(model.model).__name__ == "GraphModel"
+        assert model.model.inputs == [i["name"] for i in manifest["graphs"]["vision"]["inputs"]]
+        assert model.model.outputs == [o["name"] for o in manifest["graphs"]["vision"]["outputs"]]
+    finally:  # the serving modules were imported against the fake Triton module: forget them
+        for name in [n for n in sys.modules if n.startswith("sparsevlm.runtime.triton.") and n not in loaded]:
+            del sys.modules[name]

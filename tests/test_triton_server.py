@@ -24,8 +24,10 @@ pytest.importorskip("tritonclient.grpc", reason="tritonclient[http,grpc] is not 
                     "(pip install 'tritonclient[http,grpc]')")
 pytest.importorskip("tritonclient.http", reason="tritonclient[http] is not installed")
 
-from sparsevlm.runtime.triton.repository import RepoError, validate_repository, write_repository  # noqa: E402
+from sparsevlm.runtime.triton import RepoError  # noqa: E402
+from sparsevlm.runtime.triton.repository import write_repository  # noqa: E402
 from sparsevlm.runtime.triton.server import LocalTritonServer, find_server  # noqa: E402
+from sparsevlm.runtime.triton.validation import validate_repository  # noqa: E402
 
 try:
     find_server()

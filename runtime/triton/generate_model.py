@@ -1,6 +1,7 @@
-"""Triton Python-backend model: sparsevlm generation in-process (written by sparsevlm-triton).
+"""`GenerateModel`: the Triton Python-backend model of sparsevlm generation in-process.
 
-Copied as `<model>/1/model.py` into every generate model of a repository:
+The `model.py` of every generate model of a repository (model_shim.py) hands its calls to
+this class, once `sparsevlm` is on the stub's path:
 - `<name>`         request/response with dynamic batching;
 - `<name>_stream`  decoupled (config `model_transaction_policy { decoupled: true }`): one
                    response per generated token, then a final one with `kept_per_layer` (and the
@@ -9,11 +10,12 @@ Copied as `<model>/1/model.py` into every generate model of a repository:
   generation loop with every graph executed as a BLS call to its `tensorrt_plan` model.
 
 Config parameters (all strings): `artifact` (absolute, or relative to the repository),
-`sparsevlm_site_dirs` (os.pathsep-separated dirs added with site.addsitedir, after the
-stub environment's own, so that `import sparsevlm` works while the stub keeps numpy<2),
-`backend` (auto | onnxruntime | tensorrt | torch | triton-bls), `max_batch`,
-`pipeline_module` (default `sparsevlm.runtime`: the module providing Pipeline), and for the
-orchestrator `graph_models` (JSON {graph: model}).
+`backend` (auto | onnxruntime | tensorrt | torch | triton-bls), `max_batch`, and for the
+orchestrator `graph_models` (JSON {graph: model}); `sparsevlm_site_dirs` and
+`serving_model` are the shim's.
+
+It uses the public Pipeline API only: `Pipeline.load`, `Pipeline(artifact, executor,
+backend)`, `prepare`, `generate_prepared` and the tokenizer of `processor`.
 
 Batching: the dynamic batcher hands `execute` several requests. Greedy rows (temperature 0)
 with the same max_new_tokens run as one batch of the runtime (rows are independent: per-row
@@ -30,15 +32,17 @@ every request of the batch and send the server's traceback to each client).
 """
 
 import json
-import os
-import site
-import sys
 import threading
 import traceback
 from pathlib import Path
 
 import numpy as np
-import triton_python_backend_utils as pb_utils
+import triton_python_backend_utils as pb_utils  # the stub's module: this file runs inside Triton only
+
+from sparsevlm.runtime import Pipeline
+from sparsevlm.runtime.artifact import Artifact
+
+from .bls import TritonBLSExecutor
 
 DEFAULTS = {"max_new_tokens": 32, "temperature": 0.0, "top_p": 1.0, "seed": None}
 
@@ -81,6 +85,19 @@ def _bytes_rows(request, name):
     return [v if isinstance(v, bytes) else bytes(v) if not isinstance(v, str) else v.encode() for v in values]
 
 
+def model_parameters(config: dict) -> dict:
+    """The `parameters` of a parsed model config, as {key: string}."""
+    return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+
+
+def artifact_path(args: dict, params: dict) -> Path:
+    """The `artifact` parameter: absolute, or relative to the repository (`--copy-artifact`)."""
+    artifact = Path(params["artifact"])
+    if not artifact.is_absolute():
+        artifact = Path(args["model_repository"]).resolve().parent / artifact  # model_repository: <repo>/<model>
+    return artifact
+
+
 class Row:
     __slots__ = ("request", "index", "inputs", "prompt", "params", "result")
 
@@ -90,27 +107,18 @@ class Row:
         self.result = None  # (text, token_ids, kept_per_layer)
 
 
-class TritonPythonModel:
+class GenerateModel:
+    """The TritonPythonModel interface (initialize / execute / finalize) over a Pipeline."""
+
     def initialize(self, args):
         self.model_config = config = json.loads(args["model_config"])
-        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-        for directory in params.get("sparsevlm_site_dirs", "").split(os.pathsep):
-            if directory and directory not in sys.path:
-                site.addsitedir(directory)
-        import importlib
-
-        runtime = importlib.import_module(params.get("pipeline_module") or "sparsevlm.runtime")
-        Pipeline = runtime.Pipeline
-        artifact = Path(params["artifact"])
-        if not artifact.is_absolute():
-            artifact = Path(args["model_repository"]).resolve().parent / artifact
+        params = model_parameters(config)
+        artifact = artifact_path(args, params)
         self.name = args["model_name"]
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
         self.max_batch = max(1, int(config.get("max_batch_size", 0)) or 1)
         backend = params.get("backend", "auto")
         if backend == "triton-bls":
-            from sparsevlm.runtime.artifact import Artifact
-
             loaded = Artifact.load(str(artifact))
             self.pipe = Pipeline(loaded, TritonBLSExecutor(loaded, json.loads(params["graph_models"])), backend)
         elif backend == "auto":
@@ -234,8 +242,9 @@ class TritonPythonModel:
             except Exception as error:  # noqa: BLE001 - a request's own failure is its own response
                 sender.send(pb_utils.InferenceResponse(error=_failure(error)),
                             flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        tokenizer = self.pipe.processor.tokenizer
+        stop_ids = {tokenizer.eos_token_id}  # generate_prepared's default stops
         for group in self._groups(rows):
-            stop_ids = set(_stop_ids(self.pipe))
             streamed = [[] for _ in group]
             finished = [False] * len(group)
             sent = [""] * len(group)
@@ -247,7 +256,7 @@ class TritonPythonModel:
                         continue
                     token = int(values[j])
                     streamed[j].append(token)
-                    text = _decode(self.pipe, streamed[j])
+                    text = tokenizer.decode(streamed[j], skip_special_tokens=True)
                     piece = ""
                     if not text.endswith("\ufffd"):  # hold back an incomplete UTF-8 sequence
                         piece, sent[j] = text[len(sent[j]):], text
@@ -280,63 +289,6 @@ class TritonPythonModel:
 
     def finalize(self):
         self.pipe = None
-
-
-class TritonBLSExecutor:
-    """The runtime's executor interface (vision / segment(i) / decode / select_profile) with
-    every graph run as a BLS request to its model in this repository (`tensorrt_plan`
-    engines in the TensorRT flavour). The runtime's ProfilePlanner chooses each segment's
-    profile from the keep counts and pads `visual_width` up to it (Pipeline._plan_segment),
-    so the request's shapes lie inside exactly that profile; the TensorRT backend runs a
-    request on the execution context of the profile that contains its shapes (every
-    instance lists every profile). CUDA tensors travel by DLPack, CPU ones as numpy."""
-
-    def __init__(self, artifact, graph_models):
-        graphs = artifact.manifest["graphs"]
-        missing = [name for name in graphs if name not in graph_models]
-        if missing:
-            raise ValueError(f"graph_models: no model for graph(s) {missing}")
-        self.artifact, self.models = artifact, graph_models
-        self.inputs = {name: [i["name"] for i in graphs[name]["inputs"]] for name in graphs}
-        self.outputs = {name: [o["name"] for o in graphs[name]["outputs"]] for name in graphs}
-        self.profile = {}
-
-    def select_profile(self, graph, index):
-        self.profile[graph] = index  # recorded; the shapes (already padded) select the context
-
-    def _run(self, name, inputs):
-        import torch
-        from torch.utils import dlpack
-
-        tensors = []
-        for key in self.inputs[name]:
-            value = inputs[key]
-            if value.is_cuda:
-                tensors.append(pb_utils.Tensor.from_dlpack(key, dlpack.to_dlpack(value.contiguous())))
-            else:
-                tensors.append(pb_utils.Tensor(key, np.ascontiguousarray(value.detach().numpy())))
-        response = pb_utils.InferenceRequest(model_name=self.models[name], inputs=tensors,
-                                             requested_output_names=self.outputs[name]).exec()
-        if response.has_error():
-            raise RuntimeError(f"BLS {self.models[name]}: {response.error().message()}")
-        rename = self.artifact.output_names(name)
-        outputs = {}
-        for key in self.outputs[name]:
-            tensor = pb_utils.get_output_tensor_by_name(response, key)
-            if tensor.is_cpu():
-                outputs[rename.get(key, key)] = torch.from_numpy(np.array(tensor.as_numpy()))
-            else:
-                outputs[rename.get(key, key)] = dlpack.from_dlpack(tensor.to_dlpack())
-        return outputs
-
-    def vision(self, pixel_values):
-        return self._run("vision", {"pixel_values": pixel_values})
-
-    def segment(self, index, inputs):
-        return self._run(f"segment_{index}", inputs)
-
-    def decode(self, inputs):
-        return self._run("decode", inputs)
 
 
 def _outputs(results):
@@ -374,30 +326,3 @@ def _cuda_available():
         return torch.cuda.is_available()
     except Exception:  # noqa: BLE001
         return False
-
-
-def _stop_ids(pipe):
-    for attr in ("stop_token_ids", "eos_token_ids"):
-        value = getattr(pipe, attr, None)
-        if value is not None:
-            return [int(v) for v in (value if isinstance(value, (list, tuple, set)) else [value])]
-    tokenizer = _tokenizer(pipe)
-    eos = getattr(tokenizer, "eos_token_id", None)
-    return [] if eos is None else [int(eos)]
-
-
-def _tokenizer(pipe):
-    for attr in ("tokenizer", "processor"):
-        value = getattr(pipe, attr, None)
-        if value is not None:
-            return getattr(value, "tokenizer", value)
-    return None
-
-
-def _decode(pipe, ids):
-    if hasattr(pipe, "decode"):
-        return pipe.decode(ids)
-    tokenizer = _tokenizer(pipe)
-    if tokenizer is None:
-        return ""
-    return tokenizer.decode(ids, skip_special_tokens=True)

@@ -1,37 +1,28 @@
-"""Triton Python-backend model: one exported graph on onnxruntime (written by sparsevlm-triton).
+"""`GraphModel`: the Triton Python-backend model serving one exported graph on onnxruntime.
 
 Used by `sparsevlm-triton --flavour tensorrt --graph-backend onnxruntime`: the TensorRT
 flavour's topology (BLS orchestrator + one model per graph, same names and tensors) with
 each graph served from its ONNX file instead of a `tensorrt_plan` engine, so the
-orchestrator runs on a CPU-only server. Config parameters: `artifact`, `graph`,
-`sparsevlm_site_dirs` (see generate_model.py), `threads` (onnxruntime intra-op threads).
+orchestrator runs on a CPU-only server. The model's `model.py` (model_shim.py) hands its
+calls to this class. Config parameters: `artifact`, `graph`, `threads` (onnxruntime
+intra-op threads).
 """
 
 import json
-import os
-import site
-import sys
-from pathlib import Path
 
 import numpy as np
-import triton_python_backend_utils as pb_utils
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils  # the stub's module: this file runs inside Triton only
+
+from sparsevlm.runtime.artifact import Artifact
+
+from .generate_model import artifact_path, model_parameters
 
 
-class TritonPythonModel:
+class GraphModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
-        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-        for directory in params.get("sparsevlm_site_dirs", "").split(os.pathsep):
-            if directory and directory not in sys.path:
-                site.addsitedir(directory)
-        import onnxruntime as ort
-
-        from sparsevlm.runtime.artifact import Artifact
-
-        artifact = Path(params["artifact"])
-        if not artifact.is_absolute():
-            artifact = Path(args["model_repository"]).resolve().parent / artifact
-        loaded = Artifact.load(str(artifact), verify_files=False)
+        params = model_parameters(json.loads(args["model_config"]))
+        loaded = Artifact.load(str(artifact_path(args, params)), verify_files=False)
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if int(params.get("threads", "0") or 0):
@@ -52,3 +43,6 @@ class TritonPythonModel:
             except Exception as error:  # noqa: BLE001 - one failing request must not fail the others
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(error).__name__}: {error}")))
         return responses
+
+    def finalize(self):
+        self.session = None

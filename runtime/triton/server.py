@@ -1,15 +1,14 @@
 """A local tritonserver from the nvidia-pytriton wheel, for tests, benchmarks and
-`python -m sparsevlm.runtime.triton.repository serve REPO`.
+`sparsevlm-triton serve REPO`.
 
 `LocalTritonServer` starts the server on 127.0.0.1 with free ports, waits until it is ready,
 and stops it cleanly (process group, Python-backend stubs, /dev/shm regions), following the
-recipe and gotchas in docs/triton-cpu.md. The repositories it
-serves are written by `repository.py`.
+recipe and gotchas in docs/triton-cpu.md. It serves any repository; those of
+`repository.py` are the ones it is tested with.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -24,7 +23,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from .repository import RepoError
+from . import RepoError
+
 
 @dataclass
 class PytritonServer:
@@ -41,7 +41,7 @@ def default_server_env() -> Path | None:
     """$SPARSEVLM_TRITON_ENV, else <checkout>/build/triton-env, else this interpreter's env."""
     if os.environ.get("SPARSEVLM_TRITON_ENV"):
         return Path(os.environ["SPARSEVLM_TRITON_ENV"])
-    checkout = Path(__file__).resolve().parents[2] / "build" / "triton-env"
+    checkout = Path(__file__).resolve().parents[2] / "build" / "triton-env"  # <checkout>/runtime/triton/
     if checkout.exists():
         return checkout
     return Path(sys.prefix)
@@ -288,38 +288,3 @@ class LocalTritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-# ======================================================================================
-
-
-def serve(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="sparsevlm-triton serve",
-                                description="run the nvidia-pytriton tritonserver on a repository (Ctrl-C stops it)")
-    p.add_argument("repo")
-    p.add_argument("--env", default=None, help="venv with nvidia-pytriton and numpy<2 (default $SPARSEVLM_TRITON_ENV)")
-    p.add_argument("--ready-timeout", type=float, default=180)
-    p.add_argument("--ports", default="8000,8001,8002", help="HTTP,gRPC,metrics ports on 127.0.0.1 ('free': pick free ones)")
-    args = p.parse_args(argv)
-    ports = None if args.ports == "free" else tuple(int(x) for x in args.ports.split(","))
-    if ports is not None and len(ports) != 3:
-        p.error("--ports: expected HTTP,gRPC,metrics")
-    server = LocalTritonServer(args.repo, env=args.env, ready_timeout=args.ready_timeout, ports=ports)
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)  # `kill PID` stops the server (and its stubs) cleanly too
-    server.start()
-    print(f"ready in {server.startup_seconds:.1f} s: HTTP {server.http_url}  gRPC {server.grpc_url}  "
-          f"metrics 127.0.0.1:{server.metrics_port}  log {server.log_path}", flush=True)
-    try:
-        while server.alive():
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
-    print(f"stopped; leftover processes {server.leftover_pids or 'none'}, /dev/shm regions "
-          f"{server.leftover_shm or 'none'}", flush=True)
-    return 0
