@@ -106,8 +106,6 @@ class SegmentProfiles:
                   list(choice.bounds), choice.padded_width)
         return choice
 
-    __call__ = choose
-
 
 def segment_profiles(manifest: dict) -> dict[int, list[Range]]:
     """{segment index: its profiles' [min, opt, max] of the pruned dimension} for the
