@@ -11,7 +11,6 @@ a real export use the fastest method (FasterVLM: three graphs).
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -20,34 +19,37 @@ import stat
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from export_helpers import artifact_root, artifacts  # noqa: F401
 
-BIN = Path(sys.executable).parent
 # A location nobody can write, root included (permission bits would not stop root).
 UNWRITABLE = Path("/proc/sparsevlm-no-such-dir")
+# The commands as pyproject.toml defines them ("module:function"), read from the source tree so
+# the tests run this checkout's commands even when the installed scripts are older.
+SCRIPTS = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+
+
+def command_argv(command: str) -> list[str]:
+    """What the installed console script runs: import the entry point and exit with its status."""
+    module, function = SCRIPTS[command].split(":")
+    return [sys.executable, "-c", f"import sys; from {module} import {function}; sys.exit({function}())"]
 
 
 def cli(command: str, *args, cwd=None, umask: int | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    script = BIN / command
-    argv = [str(script)] if script.exists() else [sys.executable, "-m", _MODULES[command]]
-    return subprocess.run([*argv, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout,
-                          preexec_fn=None if umask is None else (lambda: os.umask(umask)))
-
-
-_MODULES = {"sparsevlm-export": "sparsevlm.export.exporter", "sparsevlm-run": "sparsevlm.runtime.cli",
-            "sparsevlm-calibrate": "sparsevlm.calibration.cli", "sparsevlm-build": "sparsevlm.export.trt_build",
-            "sparsevlm-triton": "sparsevlm.runtime.triton_repo"}
+    return subprocess.run([*command_argv(command), *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout, preexec_fn=None if umask is None else (lambda: os.umask(umask)))
 
 
 def in_process(command: str, *args, capsys) -> subprocess.CompletedProcess:
     """The command's `main` called here (same wrapper as the installed script), as a CompletedProcess."""
     import importlib
     capsys.readouterr()
-    code = importlib.import_module(_MODULES[command]).main(list(map(str, args)))
+    module, function = SCRIPTS[command].split(":")
+    code = getattr(importlib.import_module(module), function)(list(map(str, args)))
     captured = capsys.readouterr()
     return subprocess.CompletedProcess([command, *args], code, captured.out, captured.err)
 
@@ -270,9 +272,7 @@ def test_unwritable_out_is_refused_before_the_work(demo_dir, tmp_path):
 
 def test_ctrl_c_during_export_leaves_nothing_and_exits_130(demo_dir, tmp_path):
     out = tmp_path / "interrupted"
-    script = BIN / "sparsevlm-export"
-    argv = [str(script)] if script.exists() else [sys.executable, "-m", _MODULES["sparsevlm-export"]]
-    proc = subprocess.Popen([*argv, "--model", str(demo_dir), "--method", "fastervlm", "--budget", "64",
+    proc = subprocess.Popen([*command_argv("sparsevlm-export"), "--model", str(demo_dir), "--method", "fastervlm", "--budget", "64",
                              "--out", str(out), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             # a terminal's Ctrl-C, even when pytest itself runs in the background (which ignores SIGINT)
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
