@@ -178,3 +178,14 @@ def test_calibration_prices_the_profile_the_runtime_runs(profiles):
         # brute force: the cheapest containing profile, else the cheapest of those starting nearest above
         pool = containing or [p for p in larger if p[0] == min(q[0] for q in larger)]
         assert choice.bounds[2] == min(p[2] for p in pool), width
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_chosen_buckets_cost_what_the_runtime_rule_pays(seed):
+    """The padding the bucket choice reports is what the runtime's rule charges its samples."""
+    rng = random.Random(5000 + seed)
+    lengths = [rng.randrange(1, 60) for _ in range(rng.randrange(1, 40))]
+    plan = choose_buckets(lengths, rng.randrange(1, 5), rng.choice([0.8, 0.995, 1.0]))
+    costs = [serving_cost(plan.buckets, w) for w in lengths]
+    assert sum(c for c in costs if c is not None) == plan.padding_tokens
+    assert sum(c is not None for c in costs) == plan.covered
