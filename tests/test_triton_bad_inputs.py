@@ -11,7 +11,6 @@ artifact with the cause, and `--validate` on a missing directory is one line.
 from __future__ import annotations
 
 import io
-import queue
 import struct
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from PIL import Image
 
 from export_helpers import artifact_root, artifacts, make_images, pipelines  # noqa: F401
 from test_triton_server import (PROMPTS, _answer, _concurrent, artifact, images_png, png,  # noqa: F401
-                                reference, repo, server)
+                                reference, repo, server, stream_error_then_answer)
 
 from sparsevlm.runtime.triton.client import SparseVLMClient, TritonRequestError, build_inputs  # noqa: E402
 
@@ -149,22 +148,9 @@ def test_valid_unusual_images_are_answered_as_in_process(server, artifact, pipel
 
 
 def test_streaming_model_rejects_a_bomb_and_keeps_serving(server, images_png, reference, bad_requests):
-    import tritonclient.grpc as grpcclient
-
     image, prompt, _, words = bad_requests["20000x20000 PNG"]
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    responses = queue.Queue()
-    client.start_stream(callback=lambda result, error: responses.put((result, error)))
-    try:
-        client.async_stream_infer("sparsevlm_stream", build_inputs(grpcclient, image, prompt))
-        result, error = responses.get(timeout=120)
-        assert result is None and words in error.message() and "Traceback" not in error.message()
-    finally:
-        client.stop_stream()
-        client.close()
-    with SparseVLMClient(server.grpc_url, "grpc") as c:
-        pieces = list(c.stream(images_png[1], PROMPTS[1], max_new_tokens=4))
-    assert [p.token_ids[0] for p in pieces[:-1]] == reference(1, 1, images_png, max_new_tokens=4)[1]
+    message = stream_error_then_answer(server, images_png, reference, image, prompt)
+    assert words in message and "Traceback" not in message
 
 
 # --------------------------------------------------------------------------------------

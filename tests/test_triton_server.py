@@ -269,7 +269,9 @@ def test_bad_requests_get_clear_errors_and_server_stays_healthy(server, referenc
                                                                                          max_new_tokens=3)
 
 
-def test_streaming_rejects_bad_input_and_keeps_serving(server, images_png, reference):
+def stream_error_then_answer(server, images_png, reference, image: bytes, prompt: str) -> str:
+    """One bad request to the streaming model: its error message (it must get no result).
+    Then a good stream must still get the in-process tokens."""
     import queue
 
     import tritonclient.grpc as grpcclient
@@ -278,15 +280,20 @@ def test_streaming_rejects_bad_input_and_keeps_serving(server, images_png, refer
     responses = queue.Queue()
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
     try:
-        client.async_stream_infer("sparsevlm_stream", build_inputs(grpcclient, b"nope", PROMPTS[0]))
+        client.async_stream_infer("sparsevlm_stream", build_inputs(grpcclient, image, prompt))
         result, error = responses.get(timeout=120)
-        assert result is None and "not a decodable image" in error.message()
+        assert result is None and error is not None
     finally:
         client.stop_stream()
         client.close()
     with SparseVLMClient(server.grpc_url, "grpc") as c:
         pieces = list(c.stream(images_png[1], PROMPTS[1], max_new_tokens=4))
     assert [p.token_ids[0] for p in pieces[:-1]] == reference(1, 1, images_png, max_new_tokens=4)[1]
+    return error.message()
+
+
+def test_streaming_rejects_bad_input_and_keeps_serving(server, images_png, reference):
+    assert "not a decodable image" in stream_error_then_answer(server, images_png, reference, b"nope", PROMPTS[0])
 
 
 def test_server_stops_cleanly(server):
