@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sparsevlm.cli import add_verbose_flag, check_method_options, command
+from sparsevlm.cli import (add_method_arguments, add_quiet_flag, add_verbose_flag, command, method_budgets_from_args,
+                           method_options_from_args)
 from sparsevlm.methods import SparseVLMConfig
 
 from .data import synthetic_samples
@@ -26,12 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsevlm-calibrate", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="local checkpoint directory, hub id, alias, or 'demo'")
-    parser.add_argument("--method", default="sparsevlm", help="sparsevlm (default), fastv, fastervlm")
-    parser.add_argument("--variant", help="SparseVLM variant: v1.5, v1.0 (rank rule), paper")
-    parser.add_argument("--budget", type=int, help="token budget (v1.0: picks the scripts' scale/bias preset)")
-    parser.add_argument("--scale", type=float, help="v1.0 rank rule: keep = int(rank*scale + bias)")
-    parser.add_argument("--bias", type=float, help="v1.0 rank rule bias")
-    parser.add_argument("--lam", type=float, help="paper rule: deleted = int(lam*(v - rank))")
+    add_method_arguments(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help="JSONL of {\"image\": path, \"prompt\": question}; relative image "
                                        "paths are resolved against the file's directory")
@@ -46,14 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--overwrite", action="store_true", help="discard samples recorded by an earlier run in --out")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_quiet_flag(parser)
+    parser.add_argument("--no-progress", dest="quiet", action="store_true", help=argparse.SUPPRESS)  # the old spelling
     add_verbose_flag(parser)
     return parser
 
 
 def config_from_args(args) -> SparseVLMConfig:
-    return SparseVLMConfig(method=args.method, variant=args.variant, budget=args.budget,
-                           scale=args.scale, bias=args.bias, lam=args.lam)
+    """The method of parsed `args`, as sparsevlm-export builds it for the same flags (OptionError
+    for an option the method does not use)."""
+    options = method_options_from_args(args)
+    [budget] = method_budgets_from_args(args)
+    return SparseVLMConfig(budget=budget, **options)
 
 
 # Failures become one line and exit status 2 (sparsevlm.cli); data, config and input errors
@@ -61,14 +61,13 @@ def config_from_args(args) -> SparseVLMConfig:
 @command("sparsevlm-calibrate", user_errors=(CalibrationStateError,))
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    check_method_options(args.method, args.variant, {"--variant": args.variant, "--budget": args.budget,
-                                                     "--scale": args.scale, "--bias": args.bias, "--lam": args.lam})
+    config = config_from_args(args)
     try:
         data = synthetic_samples(args.synthetic) if args.synthetic is not None else args.data
-        result = calibrate(args.model, config_from_args(args), data, args.out, max_profiles=args.max_profiles,
+        result = calibrate(args.model, config, data, args.out, max_profiles=args.max_profiles,
                            coverage=args.coverage, batch_size=args.batch_size, raw_prompts=args.raw_prompts,
                            dtype=args.dtype, device=args.device, overwrite=args.overwrite,
-                           progress=not args.no_progress)
+                           progress=not args.quiet)
     except KeyboardInterrupt as interrupt:
         interrupt.add_note(f"finished batches are saved in {args.out}/samples.jsonl; "
                            "run the same command again to resume")

@@ -40,7 +40,8 @@ import onnx
 import torch
 
 from sparsevlm import __version__
-from sparsevlm.cli import OptionError, add_verbose_flag, check_method_options, command
+from sparsevlm.cli import (OptionError, add_method_arguments, add_quiet_flag, add_verbose_flag, command,
+                           method_budgets_from_args, method_options_from_args)
 from sparsevlm.methods import modeling
 from sparsevlm.methods.files import atomic_directory, check_output_directory, is_toolkit_output
 from sparsevlm.methods.config import SparseVLMConfig, resolve
@@ -434,19 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sparsevlm-run."))
     p.add_argument("--model", required=True, help="local HF LLaVA directory, hub id (owner/name), or alias: "
                    "llava-1.5-7b, llava-1.5-13b, demo (the built-in tiny model)")
-    p.add_argument("--method", default="sparsevlm", choices=["none", "sparsevlm", "fastervlm", "fastv"],
-                   help="pruning method (default: sparsevlm)")
-    p.add_argument("--variant", default=None, choices=["v1.5", "v1.0", "paper"],
-                   help="SparseVLM variant: v1.5 fixed schedule (default), v1.0 code rank rule, paper rank rule")
-    p.add_argument("--budget", type=int, nargs="+", default=None,
-                   help="token budget(s); one graph set each. SparseVLM v1.5: 192/128/96/64; v1.0: picks the "
-                        "scripts' scale/bias; FasterVLM/FastV: visual tokens kept")
-    p.add_argument("--scale", type=float, help="v1.0 rank rule: keep = int(rank*scale + bias)")
-    p.add_argument("--bias", type=float, help="v1.0 rank rule bias")
-    p.add_argument("--lam", type=float, help="paper rank rule: deleted = int(lam*(v - rank))")
-    p.add_argument("--reduction", type=float, help="FasterVLM: share of visual tokens removed (0.75/0.90/0.95)")
-    p.add_argument("--fastv-k", dest="K", type=int, default=None, help="FastV: prune after layer K-1 (default 2)")
-    p.add_argument("--fastv-r", dest="R", type=float, help="FastV: share R of visual tokens removed")
+    add_method_arguments(p, several_budgets=True)
     p.add_argument("--dtype", default="float32", choices=sorted(EXPORT_DTYPES),
                    help="weights and activations dtype (bfloat16 is not offered: ONNX Runtime has no CPU kernels for it)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
@@ -455,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="build the named architecture from its config with random weights (no weight download)")
     p.add_argument("--calibration", help="calibration.json from sparsevlm-calibrate: profile buckets per segment")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_quiet_flag(p)
     add_verbose_flag(p)  # also logs each graph's export time and the peak memory so far
     return p
 
@@ -463,20 +452,14 @@ def build_parser() -> argparse.ArgumentParser:
 @command("sparsevlm-export")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    check_method_options(args.method, args.variant, {
-        "--variant": args.variant, "--budget": args.budget, "--scale": args.scale, "--bias": args.bias,
-        "--lam": args.lam, "--reduction": args.reduction, "--fastv-k": args.K, "--fastv-r": args.R})
+    method_options = method_options_from_args(args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     if args.quiet:  # also transformers' "Loading weights" bar, so stderr holds only errors
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
-    options = {k: v for k, v in {"scale": args.scale, "bias": args.bias, "lam": args.lam,
-                                  "reduction": args.reduction, "R": args.R}.items() if v is not None}
-    if args.method == "fastv":
-        options["K"] = 2 if args.K is None else args.K
-    budgets = args.budget or ([192] if args.method == "sparsevlm" else None)
-    manifests = export(args.model, args.out, args.method, args.variant, budgets, args.dtype, args.opset,
-                       args.random_weights, args.calibration, args.overwrite, not args.quiet, **options)
+    manifests = export(args.model, args.out, budgets=method_budgets_from_args(args), dtype=args.dtype,
+                       opset=args.opset, random_weights=args.random_weights, calibration=args.calibration,
+                       overwrite=args.overwrite, progress=not args.quiet, **method_options)
     _summary(manifests)
     return 0
 

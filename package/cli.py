@@ -19,6 +19,11 @@ A wrapped `main` returns an exit status instead of raising:
      through `sparsevlm.methods.files.atomic_directory`, which removes its partial directory
      when the interrupt unwinds through it, so nothing half-written is left.
 With `--verbose` (every command has it), the traceback is printed before the line.
+
+Spelled the same in every command: `--verbose`, `--quiet` (no progress bars, where a command
+has them), `--artifact DIR` (an exported artifact to read), `--out` (what the command
+writes), and the method group (`add_method_arguments`: --method, --budget, --variant and
+the method's parameters), declared once here for sparsevlm-export and sparsevlm-calibrate.
 """
 
 from __future__ import annotations
@@ -41,6 +46,20 @@ def add_verbose_flag(parser) -> None:
     """The `--verbose` option every command takes (tracebacks, and the command's own logging)."""
     parser.add_argument(VERBOSE_FLAG, action="store_true",
                         help="print the traceback of a failure (and more logging)")
+
+
+def add_quiet_flag(parser) -> None:
+    """The `--quiet` option of the commands that show progress bars (export, calibrate)."""
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+ARTIFACT_FLAG = "--artifact"
+
+
+def add_artifact_argument(parser, *, required: bool = True, help: str = "") -> None:
+    """`--artifact DIR`, the one spelling of an exported artifact for every command that reads one."""
+    parser.add_argument(ARTIFACT_FLAG, metavar="DIR", required=required,
+                        help=help or "artifact directory written by sparsevlm-export (has manifest.json)")
 
 
 def _raised_by_toolkit(error: BaseException) -> bool:
@@ -186,6 +205,7 @@ METHOD_OPTION_USERS = {
     "--fastv-r": [("fastv", None)],
 }
 DEFAULT_SPARSEVLM_VARIANT = "v1.5"
+DEFAULT_SPARSEVLM_BUDGET = 192  # the paper's main setting; the other methods have no default
 
 
 class OptionError(ValueError):
@@ -209,3 +229,60 @@ def check_method_options(method: str, variant: str | None, given: dict[str, obje
             setting = f"--method {method}" + (f" --variant {effective_variant}" if effective_variant else "")
             wanted = " or ".join(f"--method {m}" + (f" --variant {v}" if v else "") for m, v in users)
             raise OptionError(f"{flag}: does not apply to {setting} (it is used by {wanted})")
+
+
+# --------------------------------------------------------------------------------------
+# The method flags, one declaration for every command that takes a method (export, calibrate)
+# --------------------------------------------------------------------------------------
+
+# CLI flag -> the SparseVLMConfig field it sets (beyond method and budget).
+METHOD_FLAG_FIELDS = {"--variant": "variant", "--scale": "scale", "--bias": "bias", "--lam": "lam",
+                      "--reduction": "reduction", "--fastv-k": "K", "--fastv-r": "R"}
+
+
+def add_method_arguments(parser, *, several_budgets: bool = False) -> None:
+    """Add the "method" argument group: --method, --budget and every flag of METHOD_OPTION_USERS.
+
+    several_budgets: --budget takes one or more values (sparsevlm-export writes one artifact
+    per budget); otherwise exactly one. `method_options_from_args` and `method_budgets_from_args`
+    read the group back."""
+    from sparsevlm.methods.config import METHODS, SPARSEVLM_VARIANTS
+    group = parser.add_argument_group("method", "the pruning method and its parameters; an option the chosen "
+                                                "method does not use is an error")
+    group.add_argument("--method", default="sparsevlm", choices=METHODS, help="pruning method (default: sparsevlm)")
+    group.add_argument("--variant", default=None, choices=SPARSEVLM_VARIANTS,
+                       help="SparseVLM variant: v1.5 fixed schedule (default), v1.0 code rank rule, paper rank rule")
+    budget_help = ("token budget{}: SparseVLM v1.5: 192/128/96/64; v1.0: picks the scripts' scale/bias "
+                   f"(SparseVLM default: {DEFAULT_SPARSEVLM_BUDGET}); FasterVLM/FastV: visual tokens kept")
+    if several_budgets:
+        group.add_argument("--budget", type=int, nargs="+", default=None,
+                           help=budget_help.format("(s), one artifact each"))
+    else:
+        group.add_argument("--budget", type=int, default=None, help=budget_help.format(""))
+    group.add_argument("--scale", type=float, help="v1.0 rank rule: keep = int(rank*scale + bias)")
+    group.add_argument("--bias", type=float, help="v1.0 rank rule bias")
+    group.add_argument("--lam", type=float, help="paper rank rule: deleted = int(lam*(v - rank))")
+    group.add_argument("--reduction", type=float, help="FasterVLM: share of visual tokens removed (0.75/0.90/0.95)")
+    group.add_argument("--fastv-k", dest="K", type=int, default=None, help="FastV: prune after layer K-1 (default 2)")
+    group.add_argument("--fastv-r", dest="R", type=float, help="FastV: share R of visual tokens removed")
+
+
+def method_options_from_args(args) -> dict:
+    """The method group of parsed `args` as SparseVLMConfig keyword arguments, without the
+    budget (one config per budget: `SparseVLMConfig(budget=b, **options)`). Raises
+    OptionError for an option the method does not use."""
+    given = {flag: getattr(args, field) for flag, field in METHOD_FLAG_FIELDS.items()}
+    check_method_options(args.method, args.variant, {**given, "--budget": args.budget})
+    options = {"method": args.method}
+    options.update({METHOD_FLAG_FIELDS[flag]: value for flag, value in given.items() if value is not None})
+    return options
+
+
+def method_budgets_from_args(args) -> list[int | None]:
+    """The budgets of the method group of parsed `args` (a list even for one --budget): those
+    given, else DEFAULT_SPARSEVLM_BUDGET for SparseVLM, else [None] (the method's other flags
+    say how many tokens to keep)."""
+    given = args.budget if isinstance(args.budget, list) else [args.budget]
+    if given != [None]:
+        return given
+    return [DEFAULT_SPARSEVLM_BUDGET] if args.method == "sparsevlm" else [None]
