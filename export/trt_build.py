@@ -5,8 +5,11 @@ entry of the graph's `profiles` (in order, so profile i of the engine is profile
 manifest). A profile maps each dynamic dimension name to [min, opt, max]; an input's
 min/opt/max shapes are its `shape` with every name replaced by that value.
 
-    sparsevlm-build ARTIFACT [--plugin-library PATH] [--graph NAME ...] [--timing-cache FILE]
+    sparsevlm-build --artifact DIR [--plugin-library PATH] [--graph NAME ...] [--timing-cache FILE]
                     [--version-compatible [--exclude-lean-runtime]] [--dry-run]
+
+(`sparsevlm-build DIR`, the artifact as a positional argument, is the deprecated older form;
+it still works.)
 
 Needs TensorRT >= 10.7: from 10.7 the ONNX parser imports a node as its registered plugin
 even when the model also carries a local function of the same name (here: the reference body
@@ -48,7 +51,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from sparsevlm.cli import add_verbose_flag, command
+from sparsevlm.cli import add_artifact_argument, add_verbose_flag, command
 from sparsevlm.export.manifest import MANIFEST, read_manifest
 from sparsevlm.trt_plugins import PLUGIN_NAMESPACE
 
@@ -396,7 +399,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsevlm-build", description=(
         "Build TensorRT engines for a sparsevlm artifact: one engine per graph, one optimization "
         "profile per manifest profile; engines are recorded in the artifact's manifest."))
-    parser.add_argument("artifact", help="artifact directory written by sparsevlm-export")
+    add_artifact_argument(parser, required=False)
+    # Deprecated: the artifact as a positional argument (`sparsevlm-build DIR`), as before the
+    # commands agreed on --artifact; still accepted, no longer shown.
+    parser.add_argument("positional_artifact", nargs="?", metavar="DIR", help=argparse.SUPPRESS)
     parser.add_argument("--plugin-library", help="libsparsevlm_plugins.so (default: $SPARSEVLM_PLUGIN_LIB, "
                                                  "then trt_plugins/build)")
     parser.add_argument("--graph", action="append", dest="graphs", metavar="NAME",
@@ -413,21 +419,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-@command("sparsevlm-build")  # failures: one line, exit 2 (sparsevlm.cli)
+@command("sparsevlm-build", user_errors=(BuildError,))  # failures: one line, exit 2 (sparsevlm.cli)
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        if args.dry_run:
-            plans = plan_engines(read_manifest(args.artifact), args.graphs)
-            print(json.dumps({p.name: profile_table(p) for p in plans}, indent=2))
-            return 0
-        built = build_engines(args.artifact, args.plugin_library, graphs=args.graphs,
-                              timing_cache=args.timing_cache, version_compatible=args.version_compatible,
-                              exclude_lean_runtime=args.exclude_lean_runtime,
-                              workspace_bytes=int(args.workspace_gib * (1 << 30)) if args.workspace_gib else None)
-    except (BuildError, ValueError) as error:  # ManifestError and the manifest reader's ArtifactError
-        print(f"sparsevlm-build: error: {error}", file=sys.stderr)
-        return 2
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.artifact and args.positional_artifact:
+        parser.error(f"the artifact is given twice ({args.artifact}, {args.positional_artifact}); "
+                     "expected only --artifact DIR")
+    artifact = args.artifact or args.positional_artifact
+    if not artifact:
+        parser.error("the following arguments are required: --artifact")
+    if args.dry_run:
+        plans = plan_engines(read_manifest(artifact), args.graphs)
+        print(json.dumps({p.name: profile_table(p) for p in plans}, indent=2))
+        return 0
+    built = build_engines(artifact, args.plugin_library, graphs=args.graphs,
+                          timing_cache=args.timing_cache, version_compatible=args.version_compatible,
+                          exclude_lean_runtime=args.exclude_lean_runtime,
+                          workspace_bytes=int(args.workspace_gib * (1 << 30)) if args.workspace_gib else None)
     for name, path in built.items():
         print(f"{name}: {path}")
     return 0

@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from sparsevlm.cli import add_verbose_flag, check_output_file, command
+from sparsevlm.cli import add_artifact_argument, add_verbose_flag, check_output_file, command
 from sparsevlm.methods.files import current_umask
 from sparsevlm.methods.generation import validate_trace
 from sparsevlm.methods.loading import check_device
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparsevlm-run", description=(
         "Run an artifact written by sparsevlm-export on one image and prompt: prints the answer, the visual "
         "tokens kept per pruning layer, and prefill/decode times."))
-    p.add_argument("--artifact", required=True, help="directory written by sparsevlm-export (has manifest.json)")
+    add_artifact_argument(p)
     p.add_argument("--image", required=True, help="image file (any format PIL reads)")
     p.add_argument("--prompt", required=True, help="the question; the chat template adds the image placeholder")
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS, help="default: onnxruntime")
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="torch backend: checkpoint to use instead of the one the manifest names")
     p.add_argument("--plugin-library", help="tensorrt backend: path of libsparsevlm_plugins.so")
     p.add_argument("--device", default="cpu", help="torch backend device (cpu, cuda)")
-    p.add_argument("--debug", action="store_true", help="log the profile chosen for each segment")
+    p.add_argument("--debug", action="store_true", help="log the profile chosen for each segment (--verbose does too)")
     add_verbose_flag(p)
     return p
 
@@ -57,7 +57,7 @@ def write_json_file(path: Path, content: dict) -> None:
 @command("sparsevlm-run")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.debug or args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     check_device(args.device)
     trace_path = check_output_file(args.trace_json, "--trace-json") if args.trace_json else None  # before the run
     from .pipeline import Pipeline

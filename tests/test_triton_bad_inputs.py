@@ -173,7 +173,7 @@ def test_sparsevlm_triton_refuses_a_corrupted_artifact(artifact, tmp_path):  # n
     decode.write_bytes(bytes(data))
     done = _triton_cli("--artifact", copy, "--out", tmp_path / "repo")
     lines = done.stderr.strip().splitlines()
-    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert len(lines) == 1 and "decode.onnx does not match its checksum" in lines[0], done.stderr
     assert not (tmp_path / "repo").exists()
     missing = _triton_cli("--validate", tmp_path / "no-such-repo")

@@ -165,9 +165,9 @@ def test_cli_writes_validates_and_prints_how_to_start(artifact, tmp_path, capsys
     assert parse(out / "sparsevlm" / "config.pbtxt").instance_group[0].count == 2
     assert cli.main(["--validate", str(out)]) == 0 and capsys.readouterr().out.strip() == "valid"
     assert cli.main(["validate", str(out)]) == 0 and capsys.readouterr().out.strip() == "valid"
-    assert cli.main(["--artifact", str(artifact), "--out", str(out)]) == 1  # not empty, no --overwrite
+    assert cli.main(["--artifact", str(artifact), "--out", str(out)]) == 2  # not empty, no --overwrite
     assert "exists and is not empty" in capsys.readouterr().err
-    assert cli.main(["--artifact", str(tmp_path / "nothing"), "--out", str(tmp_path / "r2")]) == 1
+    assert cli.main(["--artifact", str(tmp_path / "nothing"), "--out", str(tmp_path / "r2")]) == 2  # user errors
     assert "not a directory" in capsys.readouterr().err
     with pytest.raises(RepoError, match="flavour"):
         write_repository(artifact, tmp_path / "r3", flavour="onnx")

@@ -115,18 +115,27 @@ def test_record_engines_merges_atomically(tmp_path):
 
 def test_cli_dry_run_prints_profile_tables(tmp_path, capsys):
     root = write_artifact(tmp_path / "artifact", {"segment_1": SEGMENT}, files=False)
-    assert main([str(root), "--dry-run"]) == 0
+    assert main(["--artifact", str(root), "--dry-run"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == {"segment_1": profile_table(plan_graph("segment_1", SEGMENT))}
+    assert main([str(root), "--dry-run"]) == 0  # the deprecated positional form still works
+    assert json.loads(capsys.readouterr().out) == printed
+
+
+def test_cli_wants_the_artifact_once(tmp_path, capsys):
+    assert main(["--dry-run"]) == 2
+    assert "required: --artifact" in capsys.readouterr().err
+    assert main(["--artifact", str(tmp_path / "a"), str(tmp_path / "b"), "--dry-run"]) == 2
+    assert "the artifact is given twice" in capsys.readouterr().err
 
 
 def test_cli_reports_manifest_errors_in_one_line(tmp_path, capsys):
     broken = dict(SEGMENT, profiles=[{"batch": [1, 1, 8]}])
     root = write_artifact(tmp_path / "artifact", {"segment_1": broken})
-    assert main([str(root), "--dry-run"]) == 2
+    assert main(["--artifact", str(root), "--dry-run"]) == 2
     error = capsys.readouterr().err
     assert error.startswith("sparsevlm-build: error: graph 'segment_1', profile 0") and error.count("\n") == 1
-    assert main([str(tmp_path / "nowhere")]) == 2
+    assert main(["--artifact", str(tmp_path / "nowhere")]) == 2
     assert "is not a directory" in capsys.readouterr().err
 
 
@@ -142,7 +151,7 @@ def test_cli_without_full_tensorrt_exits_with_one_line(tmp_path, capsys):
     if _full_tensorrt_available():
         pytest.skip("the full tensorrt package is installed here: this checks the error without it")
     root = write_artifact(tmp_path / "artifact", {"segment_1": SEGMENT})
-    assert main([str(root)]) == 2
+    assert main(["--artifact", str(root)]) == 2
     error = capsys.readouterr().err
     assert error.startswith("sparsevlm-build: error: the full TensorRT Python package is not installed")
     assert error.count("\n") == 1

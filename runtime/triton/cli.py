@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from sparsevlm.cli import add_verbose_flag, command
+from sparsevlm.cli import add_artifact_argument, add_verbose_flag, command
 
 from . import RepoError
 from .repository import DEFAULT_NAME, DEFAULT_PLUGIN_NAME, FLAVOURS, SERVE_COMMAND, write_repository
@@ -32,7 +32,7 @@ CLIENT_COMMAND = "python -m sparsevlm.runtime.triton.client"
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparsevlm-triton", description="write a Triton Inference Server model "
                                 "repository for an artifact (subcommands: write (default) | validate | serve)")
-    p.add_argument("--artifact", help="artifact directory (from sparsevlm-export / sparsevlm-build)")
+    add_artifact_argument(p, required=False, help="artifact directory (from sparsevlm-export / sparsevlm-build)")
     p.add_argument("--out", help="model repository to write")
     p.add_argument("--flavour", choices=FLAVOURS, default="python")
     p.add_argument("--instances", type=int, default=1, help="instances per model (instance_group count)")
@@ -91,17 +91,14 @@ def validate(repo: str, option: str) -> int:
 
 def write(args: argparse.Namespace) -> int:
     site_dirs = None if args.site_dirs is None else args.site_dirs.split(os.pathsep)
-    try:
-        info = write_repository(args.artifact, args.out, flavour=args.flavour, instances=args.instances,
-                                max_batch=args.max_batch, name=args.name, backend=args.backend,
-                                copy_artifact=args.copy_artifact, queue_delay_us=args.queue_delay_us,
-                                site_dirs=site_dirs, streaming=not args.no_stream, kind=args.kind,
-                                plugin_library=args.plugin_library, graph_backend=args.graph_backend,
-                                overwrite=args.overwrite)
-        problems = validate_repository(info.path)
-    except Exception as error:  # noqa: BLE001 - a CLI reports, it does not trace back
-        print(f"sparsevlm-triton: error: {error}", file=sys.stderr)
-        return 1
+    # A bad artifact or output location raises here: one line, exit 2 (the command wrapper).
+    info = write_repository(args.artifact, args.out, flavour=args.flavour, instances=args.instances,
+                            max_batch=args.max_batch, name=args.name, backend=args.backend,
+                            copy_artifact=args.copy_artifact, queue_delay_us=args.queue_delay_us,
+                            site_dirs=site_dirs, streaming=not args.no_stream, kind=args.kind,
+                            plugin_library=args.plugin_library, graph_backend=args.graph_backend,
+                            overwrite=args.overwrite)
+    problems = validate_repository(info.path)
     for line in problems:
         print(f"error: {line}", file=sys.stderr)
     print(f"wrote {info.flavour} repository {info.path}: models {', '.join(info.models)}")
