@@ -399,7 +399,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsevlm-build", description=(
         "Build TensorRT engines for a sparsevlm artifact: one engine per graph, one optimization "
         "profile per manifest profile; engines are recorded in the artifact's manifest."))
-    add_artifact_argument(parser, required=False)
+    add_artifact_argument(parser, required=False,  # so that the old positional form can stand in for it
+                          help="artifact directory written by sparsevlm-export (required)")
     # Deprecated: the artifact as a positional argument (`sparsevlm-build DIR`), as before the
     # commands agreed on --artifact; still accepted, no longer shown.
     parser.add_argument("positional_artifact", nargs="?", metavar="DIR", help=argparse.SUPPRESS)
