@@ -268,7 +268,7 @@ def test_graph_names_and_profile_tables(artifacts):
         assert segment["profile_dim"] == "visual_width"
 
 
-@pytest.mark.skipif(not _tensorrt_importable(), reason="needs the `tensorrt` Python package (TensorRT >= 10.15) "
+@pytest.mark.skipif(not _tensorrt_importable(), reason="needs the `tensorrt` Python package (TensorRT >= 10.7) "
                     "to build and run engines; not installed here")
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="TensorRT engines need a CUDA GPU; none is available")
 def test_tensorrt_engines_match_onnxruntime(artifacts, tmp_path, inputs_images, runs):
