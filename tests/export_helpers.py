@@ -9,6 +9,9 @@ Import the fixtures into a test module with
 
 from __future__ import annotations
 
+import threading
+from collections import defaultdict
+
 import numpy as np
 import pytest
 import torch
@@ -140,3 +143,41 @@ def assert_same_decisions(trace_a: dict, trace_b: dict, steps: int = NEW_TOKENS,
     assert la.shape == lb.shape
     diff = float(np.abs(la - lb).max())
     assert diff <= atol, f"logits differ by {diff}"
+
+
+class RecordingExecutor:
+    """Forwards every graph call to `inner` and records, per calling thread, the graph and the
+    shapes of the graph's own inputs (only those, as the ONNX Runtime and TensorRT executors
+    feed them). `calls[thread id]` is a list of (graph, {input: shape})."""
+
+    def __init__(self, inner, manifest: dict):
+        self.inner = inner
+        self.graph_inputs = {name: [spec["name"] for spec in graph["inputs"]]
+                             for name, graph in manifest["graphs"].items()}
+        self.calls: dict[int, list] = defaultdict(list)
+
+    def _record(self, graph: str, inputs: dict) -> None:
+        missing = [name for name in self.graph_inputs[graph] if name not in inputs]
+        assert not missing, f"{graph}: the runtime did not pass the graph inputs {missing}"
+        shapes = {name: tuple(inputs[name].shape) for name in self.graph_inputs[graph]}
+        self.calls[threading.get_ident()].append((graph, shapes))
+
+    def vision(self, pixel_values):
+        self._record("vision", {"pixel_values": pixel_values})
+        return self.inner.vision(pixel_values)
+
+    def segment(self, index, inputs):
+        self._record(f"segment_{index}", inputs)
+        return self.inner.segment(index, inputs)
+
+    def decode(self, inputs):
+        self._record("decode", inputs)
+        return self.inner.decode(inputs)
+
+
+def engine_profiles(manifest: dict) -> dict:
+    """What TensorRTExecutor reads from the engines sparsevlm-build would build from `manifest`:
+    per graph, per profile, each input's (min, opt, max) shape."""
+    from sparsevlm.export.trt_build import plan_engines
+    return {plan.name: [{spec.name: (spec.min, spec.opt, spec.max) for spec in profile}
+                        for profile in plan.profiles] for plan in plan_engines(manifest)}

@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
 
 import pytest
 
-from export_helpers import PROMPTS, artifact_root, artifacts, inputs_images, pipelines  # noqa: F401
+from export_helpers import (PROMPTS, RecordingExecutor, artifact_root, artifacts, engine_profiles,  # noqa: F401
+                            inputs_images, pipelines)
 
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
 
@@ -74,46 +76,16 @@ _CALIBRATED_PIPELINES: dict = {}
 # Recording
 
 
-class RecordingExecutor:
-    """Forwards every call to `inner` and records each graph call's input shapes (only the
-    graph's own inputs, as the ONNX Runtime and TensorRT executors feed them) and the
-    profile the TensorRT executor picks for them (None: no profile holds the call)."""
-
-    def __init__(self, inner, manifest: dict):
-        self.inner = inner
-        self.graph_inputs = {name: [spec["name"] for spec in graph["inputs"]]
-                             for name, graph in manifest["graphs"].items()}
-        # What TensorRTExecutor reads from its engines: per profile, each input's (min, opt, max).
-        self.engine_profiles = {plan.name: [{spec.name: (spec.min, spec.opt, spec.max) for spec in profile}
-                                            for profile in plan.profiles] for plan in plan_engines(manifest)}
-        self.calls: list[dict] = []
-
-    def _record(self, graph: str, inputs: dict) -> None:
-        missing = [name for name in self.graph_inputs[graph] if name not in inputs]
-        assert not missing, f"{graph}: the runtime did not pass the graph inputs {missing}"
-        shapes = {name: tuple(inputs[name].shape) for name in self.graph_inputs[graph]}
-        profile = profile_for_shapes(self.engine_profiles[graph], shapes)
-        self.calls.append({"graph": graph, "shapes": shapes, "profile": profile})
-
-    def vision(self, pixel_values):
-        self._record("vision", {"pixel_values": pixel_values})
-        return self.inner.vision(pixel_values)
-
-    def segment(self, index, inputs):
-        self._record(f"segment_{index}", inputs)
-        return self.inner.segment(index, inputs)
-
-    def decode(self, inputs):
-        self._record("decode", inputs)
-        return self.inner.decode(inputs)
-
-
 def recorded_run(pipe: Pipeline, images, prompts):
     """(RunOutput, calls) of a greedy run of NEW_TOKENS steps with no stop token."""
     recorder = RecordingExecutor(pipe.executor, pipe.artifact.manifest)
     recording = Pipeline(pipe.artifact, recorder, pipe.backend)
     out = recording.generate(images, prompts, max_new_tokens=NEW_TOKENS, temperature=0.0, stop_token_ids=())
-    return out, recorder.calls
+    # The profile the TensorRT executor picks for each call (None: no profile holds it).
+    profiles = engine_profiles(pipe.artifact.manifest)
+    calls = [{"graph": graph, "shapes": shapes, "profile": profile_for_shapes(profiles[graph], shapes)}
+             for graph, shapes in recorder.calls[threading.get_ident()]]
+    return out, calls
 
 
 # ------------------------------------------------------------------------------------------
@@ -278,7 +250,7 @@ def test_profile_recomputation_reproduces_the_export(name, pipeline_of):
 @pytest.mark.parametrize("name", CONFIGURATIONS)
 def test_every_graph_call_fits_its_profile(name, pipeline_of, inputs_images):  # noqa: F811
     pipe = pipeline_of(name)
-    manifest, plan = pipe.artifact.manifest, pipe.artifact.plan
+    manifest = pipe.artifact.manifest
     plans = {p.name: p for p in plan_engines(manifest)}
     pruning_graphs = {s["graph"] for s in manifest["segments"] if s["profile_dim"]}
     problems = []

@@ -20,11 +20,11 @@ from collections import defaultdict
 
 import pytest
 
-from export_helpers import PROMPTS, artifact_root, artifacts, make_images, pipelines  # noqa: F401
+from export_helpers import (PROMPTS, RecordingExecutor, artifact_root, artifacts, engine_profiles,  # noqa: F401
+                            make_images, pipelines)
 
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
 
-from sparsevlm.export.trt_build import plan_engines  # noqa: E402
 from sparsevlm.methods.profiles import profile_for_shapes  # noqa: E402
 from sparsevlm.runtime import Pipeline  # noqa: E402
 
@@ -32,32 +32,6 @@ NAME = "sparsevlm_v10_b192"
 REQUESTS = list(zip(range(4), PROMPTS + ["Describe the colours and the shapes you can see."]))
 NEW_TOKENS = 6
 ROUNDS = 2
-
-
-class ThreadRecordingExecutor:
-    """Forwards to `inner`; records each graph call's input shapes per calling thread."""
-
-    def __init__(self, inner, manifest: dict):
-        self.inner = inner
-        self.graph_inputs = {name: [spec["name"] for spec in graph["inputs"]]
-                             for name, graph in manifest["graphs"].items()}
-        self.calls: dict[int, list] = defaultdict(list)
-
-    def _record(self, graph: str, inputs: dict) -> None:
-        shapes = {name: tuple(inputs[name].shape) for name in self.graph_inputs[graph]}
-        self.calls[threading.get_ident()].append((graph, shapes))
-
-    def vision(self, pixel_values):
-        self._record("vision", {"pixel_values": pixel_values})
-        return self.inner.vision(pixel_values)
-
-    def segment(self, index, inputs):
-        self._record(f"segment_{index}", inputs)
-        return self.inner.segment(index, inputs)
-
-    def decode(self, inputs):
-        self._record("decode", inputs)
-        return self.inner.decode(inputs)
 
 
 def narrow_profiles(manifest: dict, widths: dict[int, list[int]], num_visual: int) -> dict:
@@ -96,7 +70,7 @@ def test_one_pipeline_from_several_threads_matches_sequential_runs(artifacts, pi
         for choice in run(base, request, images).profiles:
             widths[choice["segment"]].append(choice["width"])
     manifest = narrow_profiles(base.artifact.manifest, widths, base.artifact.plan.num_visual)
-    recorder = ThreadRecordingExecutor(base.executor, manifest)
+    recorder = RecordingExecutor(base.executor, manifest)
     pipe = Pipeline(dataclasses.replace(base.artifact, manifest=manifest), recorder, "onnxruntime")
 
     sequential = [summary(run(pipe, request, images)) for request in REQUESTS]
@@ -130,11 +104,10 @@ def test_one_pipeline_from_several_threads_matches_sequential_runs(artifacts, pi
         assert results[number] == [expected] * ROUNDS, f"request {number}: a concurrent run differs from its sequential run"
 
     # The TensorRT executor's choice, from each thread's recorded shapes alone.
-    engine_profiles = {plan.name: [{spec.name: (spec.min, spec.opt, spec.max) for spec in profile}
-                                   for profile in plan.profiles] for plan in plan_engines(manifest)}
+    profiles = engine_profiles(manifest)
     pruning_graphs = {s["graph"] for s in manifest["segments"] if s["profile_dim"]}
     for number, expected in enumerate(sequential):
         calls = recorder.calls[threads_of[number]]
         assert len(calls) == ROUNDS * (1 + len(manifest["segments"]) + NEW_TOKENS - 1)  # vision, segments, decode
-        found = [profile_for_shapes(engine_profiles[graph], shapes) for graph, shapes in calls if graph in pruning_graphs]
+        found = [profile_for_shapes(profiles[graph], shapes) for graph, shapes in calls if graph in pruning_graphs]
         assert found == [c["profile"] for c in expected["profiles"]] * ROUNDS
