@@ -8,7 +8,7 @@ Export decisions, in one place:
   with the inputs recorded from a real run of the method on a short example (two prompts,
   48 visual tokens). It is 10-20x faster than dynamo here and keeps every dimension
   symbolic because the modules make no Python decisions from tensor sizes
-  (shared/reference/onnx_export_notes.md); the parity tests run the graphs at full size.
+  (docs/export.md); the parity tests run the graphs at full size.
   Opset 17. No constant folding at export: it would copy every transposed weight (14 GB
   more at 7B); ONNX Runtime and TensorRT fold those transposes when they load the graph.
 - Custom ops: `sparsevlm::TopKTokenSelect|TokenPrune|TokenRecycle` nodes with
@@ -46,8 +46,9 @@ from sparsevlm.methods import modeling
 from sparsevlm.methods.files import atomic_directory, check_output_directory, is_toolkit_output
 from sparsevlm.methods.config import SparseVLMConfig, resolve
 from sparsevlm.methods.generation import TorchExecutor, decode_tokens, make_region_batch, prefill, SamplingParams
-from sparsevlm.methods.loading import config_sha256, load_model, resolve_pad_token_id
-from sparsevlm.methods.segments import DecodeStep, PrefillSegment, VisionEncoder, plan_segments
+from sparsevlm.methods.loading import config_sha256, load_model
+from sparsevlm.methods.segments import DecodeStep, PrefillSegment, VisionEncoder, graph_signature, plan_segments
+from sparsevlm.methods.spec import ModelSpec
 
 from . import manifest as manifest_lib
 from . import profiles as profile_lib
@@ -56,45 +57,6 @@ from .onnx_ops import DOMAIN, EXPORT_DTYPES, FUNCTION_OPSET, ONNX_OPS, OP_VERSIO
 IR_VERSION = 10
 log = logging.getLogger(__name__)
 EXAMPLE_VISUAL_TOKENS = 48  # visual tokens in the tracing example (see _ShortVisualExecutor)
-
-# Dynamic dimension names per tensor name (segment index substituted for {s}).
-_INPUT_DIMS = {
-    "pixel_values": {0: "batch"},
-    "prefix_ids": {0: "batch", 1: "prefix_len"}, "prefix_valid": {0: "batch", 1: "prefix_len"},
-    "text_ids": {0: "batch", 1: "text_len"}, "text_valid": {0: "batch", 1: "text_len"},
-    "rater_mask": {0: "batch", 1: "text_len"},
-    "visual": {0: "batch", 1: "visual_len"},
-    "hidden": {0: "batch", 1: "seq_in"}, "positions": {0: "batch", 1: "seq_in"},
-    "visual_valid": {0: "batch", 1: "visual_in"}, "scores": {0: "batch", 1: "visual_in"},
-    "keep_count": {0: "batch"}, "visual_width": {0: "visual_width"},
-    "token_ids": {0: "batch"},
-}
-_OUTPUT_DIMS = {
-    "visual": {0: "batch"}, "kept_indices": {0: "batch"},
-    "hidden": {0: "batch", 1: "seq"}, "positions": {0: "batch", 1: "seq"}, "key_valid": {0: "batch", 1: "seq"},
-    "visual_valid": {0: "batch", 1: "visual_out"}, "scores": {0: "batch", 1: "visual_out"},
-    "kept_source": {0: "batch", 1: "visual_out"}, "rater_mask": {0: "batch", 1: "text_len"},
-    "rater_attention": {0: "batch", 1: "text_len", 2: "visual_out"},
-    "next_position": {0: "batch"}, "logits": {0: "batch"},
-}
-
-
-def _dims(name: str, table: dict, segment_of_layer: dict, decode: bool) -> dict:
-    parts = name.split(".")
-    if parts[0] in ("past", "present"):
-        if decode and parts[0] == "present":
-            return {0: "batch"}
-        return {0: "batch", 2: f"past_len_{segment_of_layer[int(parts[1])]}" if decode else "seq"}
-    if parts[0] == "key_valid" and len(parts) == 2:
-        return {0: "batch", 1: f"past_len_{parts[1]}"}
-    if parts[0] == "position" and len(parts) == 2:
-        return {0: "batch"}
-    return table.get(name, {})
-
-
-def onnx_output_name(name: str, input_names: list[str]) -> str:
-    """Graph outputs may not reuse an input's name: `hidden` in -> `hidden_out` out."""
-    return f"{name}_out" if name in input_names else name
 
 
 class _Positional(torch.nn.Module):
@@ -168,18 +130,18 @@ def _example_run(model, plan):
     return executor.recorded
 
 
-def _trace(module, example: dict, output_names: list[str], path: Path, opset: int, segment_of_layer: dict,
-           decode: bool = False) -> dict[str, torch.Tensor]:
-    """Trace `module` to `path` without its weights; returns the parameters by graph input name."""
-    input_names = list(example)
-    onnx_outputs = [onnx_output_name(n, input_names) for n in output_names]
-    dynamic_axes = {n: _dims(n, _INPUT_DIMS, segment_of_layer, decode) for n in input_names}
-    dynamic_axes.update({o: _dims(n, _OUTPUT_DIMS, segment_of_layer, decode) for n, o in zip(output_names, onnx_outputs)})
-    wrapper = _Positional(module, input_names, output_names)
+def _trace(module, example: dict, path: Path, opset: int) -> dict[str, torch.Tensor]:
+    """Trace `module` to `path` without its weights, with the names and dynamic axes of its
+    `graph_signature`; returns the parameters by graph input name."""
+    signature = graph_signature(module)
+    input_names = list(signature.inputs)
+    if set(example) != set(input_names):
+        raise RuntimeError(f"export: the example run fed {sorted(example)}, but the graph takes {input_names}")
+    wrapper = _Positional(module, input_names, list(signature.method_names.values()))
     with torch.inference_mode(False), torch.no_grad():
-        torch.onnx.export(wrapper, tuple(example.values()), str(path), dynamo=False, opset_version=opset,
-                          input_names=input_names, output_names=onnx_outputs,
-                          dynamic_axes={k: v for k, v in dynamic_axes.items() if v},
+        torch.onnx.export(wrapper, tuple(example[name] for name in input_names), str(path), dynamo=False,
+                          opset_version=opset, input_names=input_names, output_names=list(signature.outputs),
+                          dynamic_axes=signature.dynamic_axes,
                           custom_opsets={DOMAIN: OP_VERSION}, do_constant_folding=False, export_params=False)
     return dict(wrapper.named_parameters()) | dict(wrapper.named_buffers())
 
@@ -282,7 +244,6 @@ def export_artifact(model, location: str, config: SparseVLMConfig, out: Path, *,
     started = time.perf_counter()
     with atomic_directory(out, "partial-", overwrite=overwrite, replaceable=is_artifact) as tmp:
         recorded = _example_run(model, plan)
-        segment_of_layer = {layer: spec.index for spec in specs for layer in spec.layers}
         graphs = [("vision", VisionEncoder(model, plan, ONNX_OPS), None)]
         graphs += [(f"segment_{s.index}", PrefillSegment(model, plan, s, ONNX_OPS), None) for s in specs]
         graphs.append(("decode", DecodeStep(model, specs), None))
@@ -291,14 +252,11 @@ def export_artifact(model, location: str, config: SparseVLMConfig, out: Path, *,
         for name, module, _ in bar:
             bar.set_postfix_str(name)
             path = tmp / f"{name}.onnx"
-            output_names = module.output_names
             t0 = time.perf_counter()
-            parameters = _trace(module, recorded[name], output_names, path, opset, segment_of_layer,
-                                decode=name == "decode")
+            parameters = _trace(module, recorded[name], path, opset)
             ops, size = _finish_graph(path, parameters, weight_names, model.dtype)
             inputs, outputs = _io_table(path)
             table[name] = {"file": path.name, "bytes": size, "inputs": inputs, "outputs": outputs,
-                           "output_names": dict(zip([o["name"] for o in outputs], output_names)),
                            "custom_ops": ops, "export_seconds": round(time.perf_counter() - t0, 3)}
             log.info("%s: exported in %.1f s; peak RSS so far %.2f GB", name, table[name]["export_seconds"], _peak_rss_gb())
         buckets = buckets or profile_lib.default_buckets(plan)
@@ -310,16 +268,11 @@ def export_artifact(model, location: str, config: SparseVLMConfig, out: Path, *,
         if processor_dir:
             _copy_processor(Path(processor_dir), tmp / "processor")
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-        text = model.config.text_config
+        spec = ModelSpec.from_hf_config(model.config, processor_dir)
         manifest = {
             "schema": manifest_lib.SCHEMA, "created_by": f"sparsevlm-trt {__version__}",
             "torch": torch.__version__, "onnx": onnx.__version__,
-            "model": {"source": location, "config_sha256": config_sha256(model), "num_layers": text.num_hidden_layers,
-                      "hidden_size": text.hidden_size, "intermediate_size": text.intermediate_size,
-                      "vocab_size": text.vocab_size, "image_token_id": model.config.image_token_id,
-                      "image_size": model.config.vision_config.image_size, "num_visual": plan.num_visual,
-                      "max_position_embeddings": getattr(text, "max_position_embeddings", None),
-                      "pad_token_id": resolve_pad_token_id(model.config, processor_dir),
+            "model": {"source": location, "config_sha256": config_sha256(model), **spec.to_json(),
                       "processor": "processor" if processor_dir else None},
             "method": config.to_dict(), "trace_method": plan.trace_method(), "prune_layers": list(plan.prune_layers),
             "dtype": dtype, "opset": opset, "ir_version": IR_VERSION,

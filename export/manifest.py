@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import fields
 from pathlib import Path
+
+from sparsevlm.methods.spec import ModelSpec
 
 SCHEMA = "sparsevlm-artifact/1"
 SCHEMA_VERSION = 1
@@ -66,9 +69,11 @@ def read_manifest(artifact: str | Path, verify_files: bool = True) -> dict:
 
 # The fields a runtime reads, and their JSON types (a manifest is checked against this table
 # before anything uses it, so a hand-edited or foreign manifest fails with the field's name).
-_MODEL_FIELDS = {"source": str, "config_sha256": str, "num_layers": int, "hidden_size": int,
-                 "intermediate_size": int, "vocab_size": int, "image_token_id": int, "image_size": int,
-                 "num_visual": int, "pad_token_id": int}
+# `model` holds the checkpoint's source and config hash and the ModelSpec (every field an
+# integer; only max_position_embeddings may be null).
+_OPTIONAL_SPEC_FIELDS = {"max_position_embeddings"}
+_MODEL_FIELDS = {"source": str, "config_sha256": str,
+                 **{f.name: int for f in fields(ModelSpec) if f.name not in _OPTIONAL_SPEC_FIELDS}}
 _TOP_FIELDS = {"model": dict, "method": dict, "prune_layers": list, "dtype": str, "segments": list,
                "graphs": dict, "files": dict}
 _METHOD_FIELDS = {"method", "budget", "variant", "scale", "bias", "lam", "reduction", "K", "R", "prune_layers",
@@ -92,6 +97,9 @@ def check_shape(manifest: dict, path: Path) -> None:
         _require(manifest.get(field), kind, field, path)
     for field, kind in _MODEL_FIELDS.items():
         _require(manifest["model"].get(field), kind, f"model.{field}", path)
+    for field in _OPTIONAL_SPEC_FIELDS:
+        if manifest["model"].get(field) is not None:
+            _require(manifest["model"][field], int, f"model.{field}", path)
     unknown = sorted(set(manifest["method"]) - _METHOD_FIELDS)
     if unknown:
         raise ArtifactError(f"artifact: {path}: method has unknown field(s) {', '.join(unknown)}; "
@@ -109,7 +117,6 @@ def check_shape(manifest: dict, path: Path) -> None:
         where = f"graphs.{name}"
         _require(graph, dict, where, path)
         _require(graph.get("file"), str, f"{where}.file", path)
-        _require(graph.get("output_names"), dict, f"{where}.output_names", path)
         for number, profile in enumerate(_require(graph.get("profiles"), list, f"{where}.profiles", path)):
             for dim, bounds in _require(profile, dict, f"{where}.profiles[{number}]", path).items():
                 if not (isinstance(bounds, list) and len(bounds) == 3 and all(isinstance(b, int) for b in bounds)

@@ -9,6 +9,8 @@ counts are reported under both conventions: SparseVLM's "equal tokens" (the visu
 
 from __future__ import annotations
 
+from .spec import ModelSpec
+
 
 def layer_flops(n: int, hidden: int, intermediate: int) -> int:
     return 4 * n * hidden ** 2 + 2 * n * n * hidden + 3 * n * hidden * intermediate
@@ -25,12 +27,14 @@ def visual_counts_per_layer(num_layers: int, start: int, changes: dict[int, int]
     return inputs, outputs
 
 
-def run_accounting(num_layers: int, hidden: int, intermediate: int, num_visual: int,
-                   text_tokens: list[int], decisions: list, method: str) -> dict:
-    """Per batch row: equal tokens (both conventions), FLOPs pruned and unpruned.
+def run_accounting(spec: ModelSpec, text_tokens: list[int], decisions: list, method: str) -> dict:
+    """Per batch row: equal tokens (both conventions), FLOPs pruned and unpruned, for the
+    language model `spec` describes (its layers, hidden and MLP widths, visual tokens).
 
     text_tokens: per row, the prompt tokens that are not visual. decisions: the prefill's
     LayerDecision list (FasterVLM's layer -1 applies before the LLM)."""
+    num_layers, hidden, intermediate = spec.num_layers, spec.hidden_size, spec.intermediate_size
+    num_visual = spec.num_visual
     rows = []
     for row, text in enumerate(text_tokens):
         start = num_visual

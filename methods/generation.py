@@ -21,6 +21,7 @@ from . import token_ops
 from .config import PrunePlan
 from .profiles import ProfileChoice
 from .segments import DecodeStep, PrefillSegment, SegmentSpec, VisionEncoder, plan_segments
+from .spec import ModelSpec
 
 TRACE_SCHEMA = "sparsevlm-trace/1"
 
@@ -372,20 +373,20 @@ class GenerationOutput:
 
 
 def generate(executor, plan: PrunePlan, input_ids: list[list[int]], pixel_values: torch.Tensor, *,
-             image_token_id: int, image_size: int, text_config, params: SamplingParams,
-             pad_id: int = 0, on_token: Callable[[int, torch.Tensor], None] | None = None,
+             spec: ModelSpec, params: SamplingParams, on_token: Callable[[int, torch.Tensor], None] | None = None,
              width_policy: Callable[[int, int], ProfileChoice] | None = None) -> GenerationOutput:
-    """Run the method end to end on `executor`. `on_token(step, tokens[B])` streams tokens;
-    `width_policy` as in `prefill` (its choices are returned in `profiles`). Keeps no state
-    between calls, so concurrent calls on one executor are independent."""
+    """Run the method end to end on `executor` for the model `spec` describes (image token,
+    image size, pad id; the accounting's layer shapes). `on_token(step, tokens[B])` streams
+    tokens; `width_policy` as in `prefill` (its choices are returned in `profiles`). Keeps no
+    state between calls, so concurrent calls on one executor are independent."""
     from .accounting import run_accounting
 
-    batch = make_region_batch(input_ids, image_token_id, plan.num_visual, pad_id)
-    check_pixel_values(pixel_values, image_size, len(input_ids))
+    batch = make_region_batch(input_ids, spec.image_token_id, plan.num_visual, spec.pad_token_id)
+    check_pixel_values(pixel_values, spec.image_size, len(input_ids))
     result = prefill(executor, plan, batch, pixel_values, width_policy)
     steps = []
     t0 = time.perf_counter()
-    for step, tokens in enumerate(decode_tokens(executor, plan_segments(plan), result, params, pad_id)):
+    for step, tokens in enumerate(decode_tokens(executor, plan_segments(plan), result, params, spec.pad_token_id)):
         steps.append(tokens)
         if on_token is not None:
             on_token(step, tokens)
@@ -393,7 +394,5 @@ def generate(executor, plan: PrunePlan, input_ids: list[list[int]], pixel_values
     sequences = torch.stack(steps, dim=1)
     trace = make_trace(plan, result, sequences.tolist())
     text_tokens = [length - plan.num_visual for length in batch.prompt_lengths]
-    accounting = run_accounting(text_config.num_hidden_layers, text_config.hidden_size,
-                                text_config.intermediate_size, plan.num_visual, text_tokens,
-                                result.decisions, plan.method)
+    accounting = run_accounting(spec, text_tokens, result.decisions, plan.method)
     return GenerationOutput(sequences, trace, accounting, timings, [c.to_json() for c in result.profile_choices])

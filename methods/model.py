@@ -15,7 +15,8 @@ from . import generation, modeling
 from .config import SparseVLMConfig, resolve
 from .generation import GenerationOutput, SamplingParams, TorchExecutor
 from .inputs import InputBounds, prepare_inputs  # noqa: F401 - prepare_inputs: its historic import path
-from .loading import load_model, load_processor, resolve_pad_token_id
+from .loading import load_model, load_processor
+from .spec import ModelSpec
 
 
 class SparseLlava:
@@ -25,7 +26,8 @@ class SparseLlava:
         modeling.check_architecture(model)
         self.model, self.processor = model, processor
         self.config = config or SparseVLMConfig(method="none")
-        self.plan = resolve(self.config, model.config.text_config.num_hidden_layers, modeling.num_visual_tokens(model))
+        self.spec = ModelSpec.from_hf_config(model.config, processor)  # layers, visual tokens, pad id, ...
+        self.plan = resolve(self.config, self.spec.num_layers, self.spec.num_visual)
         self.executor = TorchExecutor(model, self.plan)
         self.bounds = InputBounds.from_model(model, processor)  # vocabulary, positions, pixel range
 
@@ -37,7 +39,7 @@ class SparseLlava:
 
     @property
     def pad_id(self) -> int:
-        return resolve_pad_token_id(self.model.config, self.processor)
+        return self.spec.pad_token_id
 
     def prepare(self, images, prompts: list[str], chat_template: bool = True) -> dict:
         """Processor inputs for one image per prompt (see `sparsevlm.methods.inputs.prepare_inputs`;
@@ -58,14 +60,11 @@ class SparseLlava:
         input_ids = self.bounds.check_ids(input_ids, attention_mask, self.pad_id)
         max_new_tokens = self.bounds.check_new_tokens(max_new_tokens)
         self.bounds.check_lengths(input_ids, max_new_tokens)
-        self.bounds.check_pixel_values(pixel_values, len(input_ids), self.model.config.vision_config.image_size)
+        self.bounds.check_pixel_values(pixel_values, len(input_ids), self.spec.image_size)
         stops = () if eos_token_id is None else tuple([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
         params = SamplingParams(max_new_tokens, temperature if do_sample else 0.0, top_p, seed, stops)
-        return generation.generate(self.executor, self.plan, input_ids, pixel_values,
-                                   image_token_id=self.model.config.image_token_id,
-                                   image_size=self.model.config.vision_config.image_size,
-                                   text_config=self.model.config.text_config, params=params,
-                                   pad_id=self.pad_id, on_token=on_token)
+        return generation.generate(self.executor, self.plan, input_ids, pixel_values, spec=self.spec,
+                                   params=params, on_token=on_token)
 
     def decode(self, sequences: torch.Tensor) -> list[str]:
         return self.processor.batch_decode(sequences, skip_special_tokens=True)

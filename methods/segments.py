@@ -15,7 +15,9 @@ segment i > 0 starts by pruning the visual region with the keep counts the calle
 after segment i-1 (SparseVLM: TokenRecycle + TokenPrune; FastV: TopKTokenSelect). A segment
 that ends at a pruning layer outputs the visual scores (and the rater attention block for
 the rank rules); the last segment outputs the logits at each row's last prompt token.
-Tensors go in and out by name (`*_NAMES` below), which become the ONNX graph's names.
+Tensors go in and out by name (`*_names` below), which become the ONNX graph's names, each
+with its named dynamic axes (`graph_signature`, the one declaration the exporter traces with
+and the runtime reads graph outputs by).
 """
 
 from __future__ import annotations
@@ -210,6 +212,101 @@ def decode_output_names(specs: list[SegmentSpec]) -> list[str]:
         for layer in spec.layers:
             names += [f"present.{layer}.key", f"present.{layer}.value"]
     return names
+
+
+# --------------------------------------------------------------------------------------
+# Graph names and dynamic axes
+# --------------------------------------------------------------------------------------
+
+# Named dynamic axes ({axis: name}) per tensor name; docs/export.md lists what each name is.
+# Names not here (`past.*`, `present.*`, `key_valid.<s>`, `position.<s>`) follow `tensor_axes`.
+INPUT_AXES = {
+    "pixel_values": {0: "batch"},
+    "prefix_ids": {0: "batch", 1: "prefix_len"}, "prefix_valid": {0: "batch", 1: "prefix_len"},
+    "text_ids": {0: "batch", 1: "text_len"}, "text_valid": {0: "batch", 1: "text_len"},
+    "rater_mask": {0: "batch", 1: "text_len"},
+    "visual": {0: "batch", 1: "visual_len"},
+    "hidden": {0: "batch", 1: "seq_in"}, "positions": {0: "batch", 1: "seq_in"},
+    "visual_valid": {0: "batch", 1: "visual_in"}, "scores": {0: "batch", 1: "visual_in"},
+    "keep_count": {0: "batch"}, "visual_width": {0: "visual_width"},
+    "token_ids": {0: "batch"},
+}
+OUTPUT_AXES = {
+    "visual": {0: "batch"}, "kept_indices": {0: "batch"},
+    "hidden": {0: "batch", 1: "seq"}, "positions": {0: "batch", 1: "seq"}, "key_valid": {0: "batch", 1: "seq"},
+    "visual_valid": {0: "batch", 1: "visual_out"}, "scores": {0: "batch", 1: "visual_out"},
+    "kept_source": {0: "batch", 1: "visual_out"}, "rater_mask": {0: "batch", 1: "text_len"},
+    "rater_attention": {0: "batch", 1: "text_len", 2: "visual_out"},
+    "next_position": {0: "batch"}, "logits": {0: "batch"},
+}
+
+# An ONNX graph output may not reuse an input's name (every value has one producer), so an
+# output that a segment also takes as input (`hidden`, `visual_valid`, ...) is named with
+# this suffix in the graph (`hidden` -> `hidden_out`). No tensor of the method ends with it,
+# so the rule reads back from an output's name alone (`method_output_name`): a fixed rule,
+# not a map recorded in the manifest.
+GRAPH_OUTPUT_SUFFIX = "_out"
+
+
+def graph_output_name(name: str, input_names) -> str:
+    """The graph's name for the method's output `name` of a graph with these inputs."""
+    return f"{name}{GRAPH_OUTPUT_SUFFIX}" if name in input_names else name
+
+
+def method_output_name(graph_output: str) -> str:
+    """The method's name of a graph output (the inverse of `graph_output_name`)."""
+    return graph_output.removesuffix(GRAPH_OUTPUT_SUFFIX)
+
+
+def tensor_axes(name: str, output: bool, segment_of_layer: dict | None = None) -> dict[int, str]:
+    """The named dynamic axes of the method's tensor `name`, as a graph input or output.
+    `segment_of_layer` ({layer: segment}) is given for the decode graph only, whose caches
+    grow per segment (`past_len_<s>`); a decode step's `present.*` holds one new position."""
+    parts = name.split(".")
+    decode = segment_of_layer is not None
+    if parts[0] in ("past", "present"):
+        if decode:
+            return {0: "batch"} if output else {0: "batch", 2: f"past_len_{segment_of_layer[int(parts[1])]}"}
+        return {0: "batch", 2: "seq"}
+    if parts[0] == "key_valid" and len(parts) == 2:
+        return {0: "batch", 1: f"past_len_{parts[1]}"}
+    if parts[0] == "position" and len(parts) == 2:
+        return {0: "batch"}
+    return dict((OUTPUT_AXES if output else INPUT_AXES).get(name, {}))
+
+
+@dataclass(frozen=True)
+class GraphSignature:
+    """A graph's inputs and outputs by their graph names, each with its named dynamic axes
+    (in order), and the method's name of each output."""
+
+    inputs: dict[str, dict[int, str]]
+    outputs: dict[str, dict[int, str]]
+    method_names: dict[str, str]  # graph output -> the module's output name
+
+    @property
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """torch.onnx.export's `dynamic_axes` (tensors with at least one dynamic axis)."""
+        return {name: axes for name, axes in {**self.inputs, **self.outputs}.items() if axes}
+
+
+def graph_signature(module: nn.Module) -> GraphSignature:
+    """The ONNX names and dynamic axes of `module`'s graph (VisionEncoder, PrefillSegment or
+    DecodeStep): the exporter traces with these, the runtime reads outputs by them."""
+    segment_of_layer = None
+    if isinstance(module, DecodeStep):
+        segment_of_layer = {layer: spec.index for spec in module.specs for layer in spec.layers}
+    inputs = {name: tensor_axes(name, False, segment_of_layer) for name in module.input_names}
+    outputs, method_names = {}, {}
+    for name in module.output_names:
+        graph_name = graph_output_name(name, inputs)
+        outputs[graph_name] = tensor_axes(name, True, segment_of_layer)
+        method_names[graph_name] = name
+    clashes = [name for name in [*module.input_names, *module.output_names] if name.endswith(GRAPH_OUTPUT_SUFFIX)]
+    if clashes:
+        raise ValueError(f"{type(module).__name__}: tensor name(s) {clashes} end with {GRAPH_OUTPUT_SUFFIX!r}, "
+                         "which graph_output_name reserves")
+    return GraphSignature(inputs, outputs, method_names)
 
 
 class DecodeStep(nn.Module):

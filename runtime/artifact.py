@@ -7,6 +7,7 @@ from pathlib import Path
 
 from sparsevlm.export.manifest import MANIFEST, ArtifactError, read_manifest
 from sparsevlm.methods.config import ConfigError, PrunePlan, SparseVLMConfig, resolve
+from sparsevlm.methods.spec import ModelSpec
 
 
 @dataclass
@@ -19,9 +20,9 @@ class Artifact:
     def load(cls, path: str | Path, verify_files: bool = True) -> "Artifact":
         root = Path(path)
         manifest = read_manifest(root, verify_files=verify_files)
-        model = manifest["model"]
+        spec = ModelSpec.from_json(manifest["model"])
         try:
-            plan = resolve(SparseVLMConfig.from_dict(manifest["method"]), model["num_layers"], model["num_visual"])
+            plan = resolve(SparseVLMConfig.from_dict(manifest["method"]), spec.num_layers, spec.num_visual)
         except (ConfigError, TypeError) as error:
             raise ArtifactError(f"artifact: {root / MANIFEST}: method {manifest['method']} is not a valid "
                                 f"method setting ({error})") from None
@@ -30,15 +31,16 @@ class Artifact:
                                 f"its method, which prunes at {list(plan.prune_layers)}")
         return cls(root, manifest, plan)
 
+    @property
+    def spec(self) -> ModelSpec:
+        """The model's facts, as the export wrote them (the manifest's `model` object)."""
+        return ModelSpec.from_json(self.manifest["model"])
+
     def graph_path(self, name: str) -> Path:
         try:
             return self.root / self.manifest["graphs"][name]["file"]
         except KeyError:
             raise ArtifactError(f"artifact: {self.root} has no graph {name!r}") from None
-
-    def output_names(self, name: str) -> dict:
-        """ONNX output name -> the method's tensor name (`hidden_out` -> `hidden`)."""
-        return self.manifest["graphs"][name]["output_names"]
 
     def processor(self):
         from transformers import AutoProcessor

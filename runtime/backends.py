@@ -25,6 +25,7 @@ from sparsevlm.methods.generation import InputError
 
 from .artifact import Artifact
 from sparsevlm.methods.profiles import ProfileError, profile_for_shapes
+from sparsevlm.methods.segments import method_output_name
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
@@ -75,8 +76,7 @@ class OnnxRuntimeExecutor(GraphExecutor):
         types = self._types[name]
         feed = {k: inputs[k].detach().cpu().numpy().astype(types[k], copy=False) for k in self._inputs[name]}
         values = self.sessions[name].run(self._outputs[name], feed)
-        rename = self.artifact.output_names(name)
-        return {rename[o]: torch.from_numpy(np.ascontiguousarray(v)) for o, v in zip(self._outputs[name], values)}
+        return {method_output_name(o): torch.from_numpy(np.ascontiguousarray(v)) for o, v in zip(self._outputs[name], values)}
 
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": np.float32,
@@ -339,7 +339,6 @@ class TensorRTExecutor(GraphExecutor):
 
     def _run(self, name: str, inputs: dict) -> dict:
         trt, engine = self.trt, self.engines[name]
-        rename = self.artifact.output_names(name)
         tensors = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         is_input = {t: engine.get_tensor_mode(t) == trt.TensorIOMode.INPUT for t in tensors}
         absent = [t for t in tensors if is_input[t] and t not in inputs]
@@ -366,7 +365,7 @@ class TensorRTExecutor(GraphExecutor):
                                        "after every input shape is set (data-dependent outputs are not supported)")
                 value = empty_aligned(shape, torch_dtype(engine.get_tensor_dtype(tensor)), self.device)
                 self._set_address(name, context, tensor, value)
-                outputs[rename.get(tensor, tensor)] = value
+                outputs[method_output_name(tensor)] = value
             self.order.engine_waits_for_producer()
             executed = context.execute_async_v3(self.order.handle)
             self.order.consumer_waits_for_engine()

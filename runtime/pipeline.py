@@ -10,7 +10,6 @@ import queue
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Iterator
 
 import torch
@@ -18,6 +17,7 @@ import torch
 from sparsevlm.methods import generation
 from sparsevlm.methods.generation import SamplingParams
 from sparsevlm.methods.inputs import InputBounds, load_image, prepare_inputs  # noqa: F401 - load_image: API
+from sparsevlm.methods.spec import ModelSpec
 
 from .artifact import Artifact
 from .backends import BACKENDS, OnnxRuntimeExecutor, TensorRTExecutor, torch_executor
@@ -41,10 +41,8 @@ class Pipeline:
         # Read-only configuration: the per-segment profiles and the rule that picks one.
         self.profile_policy = SegmentProfiles.from_manifest(artifact.manifest)
         self.processor = artifact.processor()
-        self.model_info = info = artifact.manifest["model"]
-        # What the accounting needs of the language model (FLOPs per layer), from the manifest.
-        self.text_shape = SimpleNamespace(num_hidden_layers=info["num_layers"], hidden_size=info["hidden_size"],
-                                          intermediate_size=info["intermediate_size"])
+        # The model's facts (layers and widths for the accounting, image token, pad id), from the manifest.
+        self.spec: ModelSpec = artifact.spec
         # What a request may contain (docs/inputs.md): the profiles' prefix/text lengths, the
         # decode profile's new tokens, the vocabulary, the model's positions.
         self.bounds = InputBounds.from_manifest(artifact.manifest, self.processor)
@@ -66,15 +64,12 @@ class Pipeline:
     def generate_ids(self, input_ids: list[list[int]], pixel_values: torch.Tensor, params: SamplingParams,
                      on_token=None) -> generation.GenerationOutput:
         """Generate from token ids and pixel values (checked against `self.bounds` first)."""
-        info = self.model_info
         input_ids = self.bounds.check_ids(input_ids)
         self.bounds.check_new_tokens(params.max_new_tokens)
         self.bounds.check_lengths(input_ids, params.max_new_tokens)
-        self.bounds.check_pixel_values(pixel_values, len(input_ids), info["image_size"])
-        return generation.generate(self.executor, self.artifact.plan, input_ids, pixel_values,
-                                   image_token_id=info["image_token_id"], image_size=info["image_size"],
-                                   text_config=self.text_shape, params=params, pad_id=info["pad_token_id"],
-                                   on_token=on_token, width_policy=self.profile_policy.choose)
+        self.bounds.check_pixel_values(pixel_values, len(input_ids), self.spec.image_size)
+        return generation.generate(self.executor, self.artifact.plan, input_ids, pixel_values, spec=self.spec,
+                                   params=params, on_token=on_token, width_policy=self.profile_policy.choose)
 
     def prepare(self, images, prompts: list[str], max_new_tokens: int = 32) -> dict:
         """Check and encode requests (docs/inputs.md): InputError naming the input and row for

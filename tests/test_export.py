@@ -116,6 +116,44 @@ def test_custom_op_nodes_and_checker(name, artifacts):
         _assert_int32_mask_boundary(model, nodes)
 
 
+@pytest.mark.parametrize("name", PRIMARY)
+def test_graph_names_and_axes_are_the_declared_ones(name, artifacts, hf_model):
+    """Every graph's inputs and outputs carry the names and named dynamic axes of its module's
+    `graph_signature`, and the runtime reads the outputs back by that rule alone (the manifest
+    holds no rename map)."""
+    from sparsevlm.methods.segments import (DecodeStep, PrefillSegment, VisionEncoder, graph_signature,
+                                            method_output_name, plan_segments)
+    from sparsevlm.runtime.artifact import Artifact
+
+    artifact = Artifact.load(artifacts(name))
+    specs = plan_segments(artifact.plan)
+    modules = {"vision": VisionEncoder(hf_model, artifact.plan), "decode": DecodeStep(hf_model, specs)}
+    modules.update({f"segment_{s.index}": PrefillSegment(hf_model, artifact.plan, s) for s in specs})
+    assert set(modules) == set(artifact.manifest["graphs"])
+    for graph_name, module in modules.items():
+        assert "output_names" not in artifact.manifest["graphs"][graph_name]
+        signature = graph_signature(module)
+        graph = onnx.load(str(artifact.graph_path(graph_name)), load_external_data=False).graph
+        # The tracer drops an input the graph does not use (the last segment's `rater_mask`).
+        inputs = [v.name for v in graph.input]
+        assert inputs == [n for n in signature.inputs if n in inputs] and len(inputs) >= len(signature.inputs) - 1
+        assert [v.name for v in graph.output] == list(signature.outputs), graph_name
+        for values, declared in ((graph.input, signature.inputs), (graph.output, signature.outputs)):
+            for value in values:
+                dims = value.type.tensor_type.shape.dim
+                named = {axis: d.dim_param for axis, d in enumerate(dims) if d.dim_param}
+                if values is graph.input:  # exactly the declared axes are dynamic
+                    assert named == declared[value.name], (graph_name, value.name)
+                else:  # the tracer names an output's other computed sizes itself (`Addvisual_dim_1`)
+                    assert {axis: named.get(axis) for axis in declared[value.name]} == declared[value.name], \
+                        (graph_name, value.name)
+        assert [method_output_name(v.name) for v in graph.output] == module.output_names, graph_name
+    # By hand: a SparseVLM pruning segment passes its state on under the `_out` names.
+    if name == "sparsevlm_v15_b192":
+        outputs = [v.name for v in onnx.load(str(artifact.graph_path("segment_1")), load_external_data=False).graph.output]
+        assert outputs[:4] == ["kept_source", "hidden_out", "visual_valid_out", "scores_out"]
+
+
 # Mask positions (inputs, outputs) per op, from OPS.md: masks cross the node boundary as int32
 # (TensorRT plugins take no bool), cast from bool before the node and back to bool after it.
 MASKS = {"TokenPrune": ({2, 5}, {1}), "TokenRecycle": ({2}, {1}), "TopKTokenSelect": (set(), set())}

@@ -254,7 +254,7 @@ def fake_engines(log, vision_dtype=DataType.FLOAT, reject_shapes=False) -> dict:
         "segment_0": FakeEngine({"hidden": (DataType.FLOAT, [((1, 2, 3), (1, 4, 3), (2, 8, 3)),
                                                               ((1, 9, 3), (1, 12, 3), (2, 16, 3))]),
                                  "keep_count": (DataType.INT32, batch + [((1,), (1,), (2,))])},
-                                {"hidden_out": (DataType.FLOAT, "hidden"), "count_out": (DataType.INT64, "keep_count")},
+                                {"hidden_out": (DataType.FLOAT, "hidden"), "keep_count_out": (DataType.INT64, "keep_count")},
                                 [5000, 20000], log, reject_shapes=reject_shapes),
         "decode": FakeEngine({"ids": (DataType.INT64, [((1,), (1,), (8,))])},
                              {"logits": (DataType.FLOAT, "ids")}, [3000], log),
@@ -265,10 +265,8 @@ def fake_artifact(root: Path, version_compatible=False, exclude_lean_runtime=Fal
                   corrupt: str | None = None) -> Artifact:
     """An artifact whose engines are fake plans; `graphs_flags` overrides (vc, exclude) per graph."""
     (root / "engines").mkdir(parents=True, exist_ok=True)
-    outputs = {"vision": {"image_features": "image_features"},
-               "segment_0": {"hidden_out": "hidden", "count_out": "keep_count"}, "decode": {"logits": "logits"}}
     entries = {}
-    for graph in outputs:
+    for graph in ("vision", "segment_0", "decode"):
         compatible, excluded = (graphs_flags or {}).get(graph, (version_compatible, exclude_lean_runtime))
         plan = {"graph": graph, "version_compatible": compatible, "exclude_lean_runtime": excluded}
         data = b"not a plan" if graph == corrupt else json.dumps(plan).encode()
@@ -277,7 +275,7 @@ def fake_artifact(root: Path, version_compatible=False, exclude_lean_runtime=Fal
                           "version_compatible": compatible, "exclude_lean_runtime": excluded,
                           "embeds_lean_runtime": compatible and not excluded}
     manifest = {"segments": [{"graph": "segment_0"}],
-                "graphs": {g: {"output_names": names} for g, names in outputs.items()}, "engines": entries}
+                "graphs": {g: {} for g in entries}, "engines": entries}
     return Artifact(root, manifest, plan=None)
 
 

@@ -7,6 +7,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils import dlpack
 
+from sparsevlm.methods.segments import method_output_name
 from sparsevlm.runtime.backends import GraphExecutor
 
 
@@ -41,12 +42,11 @@ class TritonBLSExecutor(GraphExecutor):
                                              requested_output_names=self.outputs[name]).exec()
         if response.has_error():
             raise RuntimeError(f"BLS {self.models[name]}: {response.error().message()}")
-        rename = self.artifact.output_names(name)
         outputs = {}
         for key in self.outputs[name]:
             tensor = pb_utils.get_output_tensor_by_name(response, key)
             if tensor.is_cpu():
-                outputs[rename.get(key, key)] = torch.from_numpy(np.array(tensor.as_numpy()))
+                outputs[method_output_name(key)] = torch.from_numpy(np.array(tensor.as_numpy()))
             else:
-                outputs[rename.get(key, key)] = dlpack.from_dlpack(tensor.to_dlpack())
+                outputs[method_output_name(key)] = dlpack.from_dlpack(tensor.to_dlpack())
         return outputs
