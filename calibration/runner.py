@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import statistics
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -25,6 +23,7 @@ from tqdm.auto import tqdm
 
 from sparsevlm.methods import SparseLlava, SparseVLMConfig
 from sparsevlm.methods.generation import InputError, make_region_batch, prefill
+from sparsevlm.methods.files import atomic_file
 from sparsevlm.methods.loading import config_sha256
 
 from .buckets import choose_buckets
@@ -128,8 +127,8 @@ def run_batch(vlm: SparseLlava, samples: Sequence[CalibrationSample], raw_prompt
     images = [s.load_image() for s in samples]
     try:
         inputs = vlm.prepare(images, [s.prompt for s in samples], chat_template=not raw_prompts)
-        batch = make_region_batch(inputs["input_ids"], vlm.model.config.image_token_id,
-                                  vlm.plan.num_visual, vlm.pad_id)
+        batch = make_region_batch(inputs["input_ids"], vlm.spec.image_token_id, vlm.plan.num_visual,
+                                  vlm.spec.pad_token_id)
     except InputError as error:  # its "prompt N" counts rows of this batch: name the sample instead
         row = re.match(r"prompt (\d+):", str(error))
         where = samples[int(row.group(1))].origin if row else ", ".join(s.origin for s in samples)
@@ -182,18 +181,6 @@ def build_calibration(records: list[dict], vlm: SparseLlava, max_profiles: int, 
             "coverage_target": coverage, "max_profiles": max_profiles,
             "segments": segment_profiles(records, max_profiles, coverage),
             "layers": layer_summaries(records)}
-
-
-def write_json_atomic(path: Path, content: dict) -> None:
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            json.dump(content, out, indent=1)
-            out.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # --------------------------------------------------------------------------------------
@@ -275,7 +262,7 @@ def calibrate(model, config: SparseVLMConfig | None, data, out_dir, max_profiles
     records, computed = collect_records(vlm, samples, store, reusable, batch_size, raw_prompts, progress, on_batch)
 
     calibration = build_calibration(records, vlm, max_profiles, coverage)
-    write_json_atomic(out_dir / CALIBRATION_FILE, calibration)
+    atomic_file(out_dir / CALIBRATION_FILE, json.dumps(calibration, indent=1) + "\n")
     panels = write_report(records, calibration, out_dir / REPORT_FILE) if report else 0
     print_summary(calibration, console=console)
     return CalibrationResult(out_dir, calibration, records, computed, len(samples) - computed, panels)

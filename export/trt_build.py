@@ -47,12 +47,12 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from sparsevlm.cli import add_artifact_argument, add_verbose_flag, command
 from sparsevlm.export.manifest import MANIFEST, read_manifest
+from sparsevlm.methods.files import atomic_file
 from sparsevlm.trt_plugins import PLUGIN_NAMESPACE
 
 ENGINE_DIR = "engines"
@@ -170,23 +170,7 @@ def profile_table(plan: GraphPlan) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Atomic writes
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+# The manifest's `engines`
 
 
 def record_engines(artifact_dir: str | Path, entries: dict[str, dict]) -> None:
@@ -197,7 +181,7 @@ def record_engines(artifact_dir: str | Path, entries: dict[str, dict]) -> None:
     engines = manifest.get("engines") or {}
     engines.update(entries)
     manifest["engines"] = engines
-    _write_atomically(path, (json.dumps(manifest, indent=2) + "\n").encode())
+    atomic_file(path, json.dumps(manifest, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,7 +319,6 @@ def build_engines(artifact_dir: str | Path, plugin_library: str | os.PathLike | 
 
     trt = import_tensorrt()
     import onnx
-    from polygraphy.backend.common import SaveBytes
     from polygraphy.backend.trt import (CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath,
                                         PostprocessConfig, Profile)
 
@@ -378,9 +361,7 @@ def build_engines(artifact_dir: str | Path, plugin_library: str | os.PathLike | 
             raise BuildError(f"graph {plan.name!r}: TensorRT could not build the engine ({error})") from error
         if data is None:
             raise BuildError(f"graph {plan.name!r}: TensorRT returned no engine (see the TensorRT log above)")
-        temporary = root / ENGINE_DIR / f".{plan.name}{ENGINE_SUFFIX}.tmp"
-        SaveBytes(bytes(data), str(temporary))()
-        os.replace(temporary, root / relative)
+        atomic_file(root / relative, bytes(data))
         entries[plan.name] = {"file": relative, "tensorrt_version": trt.__version__,
                               "version_compatible": version_compatible,
                               "exclude_lean_runtime": exclude_lean_runtime,

@@ -1,6 +1,9 @@
 """Writing a directory so that it appears complete or not at all, never destroying what the
 toolkit did not write, and never letting two writers of one directory both succeed.
 
+(`atomic_file(path, data)` writes one file whole or not at all: a manifest, a trace, a
+calibration.)
+
 Rules of `atomic_directory(out)` (export artifacts, the demo checkpoint, Triton repositories):
 - The work happens in a hidden temporary sibling `.<name>.<tag>XXXX`; on any error, Ctrl-C
   included, it is removed, so `out` is either untouched or complete.
@@ -175,3 +178,23 @@ def atomic_directory(out: str | Path, tag: str = "", *, overwrite: bool = True,
             _replace(tmp, out, overwrite, replaceable, what)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_file(path: str | Path, data: bytes | str) -> None:
+    """Write the file `path` whole or not at all: `data` (text is written as UTF-8) goes to a
+    hidden temporary sibling, flushed to disk, then renamed over `path`; on any error the
+    temporary file is removed and `path` is untouched. The file gets a plain `open`'s
+    permissions (0666 minus the umask), not `mkstemp`'s 0600."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(temporary, 0o666 & ~current_umask())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)

@@ -5,13 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from sparsevlm.cli import add_artifact_argument, add_verbose_flag, check_output_file, command
-from sparsevlm.methods.files import current_umask
+from sparsevlm.methods.files import atomic_file
 from sparsevlm.methods.generation import validate_trace
 from sparsevlm.methods.loading import check_device
 
@@ -37,19 +35,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="log the profile chosen for each segment (--verbose does too)")
     add_verbose_flag(p)
     return p
-
-
-def write_json_file(path: Path, content: dict) -> None:
-    """Write `path` whole or not at all (a temporary sibling renamed over it)."""
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as out:
-            json.dump(content, out)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 
@@ -84,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
           f"decode {t['decode'] * 1e3 / steps:.1f} ms/token ({args.backend})")
     if trace_path is not None:
         validate_trace(trace)
-        write_json_file(trace_path, trace)
+        atomic_file(trace_path, json.dumps(trace))  # whole or not at all
         print(f"trace written to {trace_path}")
     return 0
 
