@@ -238,7 +238,8 @@ def export_artifact(model, location: str, config: SparseVLMConfig, out: Path, *,
     from tqdm.auto import tqdm
 
     register_schemas()
-    plan = resolve(config, model.config.text_config.num_hidden_layers, modeling.num_visual_tokens(model))
+    spec = ModelSpec.from_hf_config(model.config, processor_dir)  # written into the manifest
+    plan = resolve(config, spec.num_layers, spec.num_visual)
     specs = plan_segments(plan)
     out = check_output_directory(out, overwrite, is_artifact)
     started = time.perf_counter()
@@ -268,7 +269,6 @@ def export_artifact(model, location: str, config: SparseVLMConfig, out: Path, *,
         if processor_dir:
             _copy_processor(Path(processor_dir), tmp / "processor")
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-        spec = ModelSpec.from_hf_config(model.config, processor_dir)
         manifest = {
             "schema": manifest_lib.SCHEMA, "created_by": f"sparsevlm-trt {__version__}",
             "torch": torch.__version__, "onnx": onnx.__version__,
