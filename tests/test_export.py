@@ -154,6 +154,29 @@ def test_graph_names_and_axes_are_the_declared_ones(name, artifacts, hf_model):
         assert outputs[:4] == ["kept_source", "hidden_out", "visual_valid_out", "scores_out"]
 
 
+def test_an_artifact_with_the_old_output_name_map_still_runs(artifacts, pipelines, inputs_images, tmp_path):
+    """Artifacts written before the names were declared in one place carry a per-graph
+    `output_names` map (graph output -> tensor); readers ignore it and run them unchanged."""
+    import json
+    import shutil
+    from sparsevlm.runtime import Pipeline
+
+    source = artifacts("sparsevlm_v15_b192")
+    old = tmp_path / "old"
+    shutil.copytree(source, old)
+    manifest = json.loads((old / MANIFEST).read_text())
+    for graph in manifest["graphs"].values():  # the old exporter's map: `<input>_out` -> `<input>`
+        inputs = {i["name"] for i in graph["inputs"]}
+        graph["output_names"] = {o["name"]: o["name"][:-4] if o["name"][:-4] in inputs else o["name"]
+                                 for o in graph["outputs"]}
+    assert manifest["graphs"]["segment_1"]["output_names"]["hidden_out"] == "hidden"
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    images, prompts = inputs_images[:2], PROMPTS[:2]
+    got = Pipeline.load(old, threads=2).generate(images, prompts, max_new_tokens=3)
+    want = pipelines(source, "onnxruntime").generate(images, prompts, max_new_tokens=3)
+    assert got.token_ids == want.token_ids and got.trace["layers"] == want.trace["layers"]
+
+
 # Mask positions (inputs, outputs) per op, from OPS.md: masks cross the node boundary as int32
 # (TensorRT plugins take no bool), cast from bool before the node and back to bool after it.
 MASKS = {"TokenPrune": ({2, 5}, {1}), "TokenRecycle": ({2}, {1}), "TopKTokenSelect": (set(), set())}
