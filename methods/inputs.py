@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .generation import InputError
+from .spec import ModelSpec
 
 IMAGE_PLACEHOLDER = "<image>"  # LLaVA's image token text (the processor's `image_token`)
 
@@ -253,20 +254,14 @@ class InputBounds:
     pixel_range: tuple[tuple[float, float], ...] | None = None
 
     @classmethod
-    def from_model(cls, model, processor=None) -> "InputBounds":
-        """Bounds of a PyTorch LLaVA model: its vocabulary and positions (no profiles)."""
-        from . import modeling
-
-        text = model.config.text_config
-        return cls(image_token_id=model.config.image_token_id, num_visual=modeling.num_visual_tokens(model),
-                   vocab_size=getattr(text, "vocab_size", None),
-                   max_positions=getattr(text, "max_position_embeddings", None),
-                   pixel_range=pixel_range(processor))
+    def from_spec(cls, spec, processor=None) -> "InputBounds":
+        """Bounds of a PyTorch model from its ModelSpec: vocabulary and positions (no profiles)."""
+        return cls(image_token_id=spec.image_token_id, num_visual=spec.num_visual, vocab_size=spec.vocab_size,
+                   max_positions=spec.max_position_embeddings, pixel_range=pixel_range(processor))
 
     @classmethod
     def from_manifest(cls, manifest: dict, processor=None) -> "InputBounds":
         """Bounds of an exported artifact: its profiles, vocabulary and (when recorded) positions."""
-        model = manifest["model"]
         graphs = manifest.get("graphs", {})
         first = graphs.get("segment_0", {}).get("profiles") or []
         prefix = max((p["prefix_len"][2] for p in first if "prefix_len" in p), default=None)
@@ -279,10 +274,10 @@ class InputBounds:
             # past_len_0's maximum is the longest prompt (seq_in) plus the room for new tokens
             # (export/profiles.py), so the difference is what the decode engine was built for.
             new_tokens = past - seq_in
-        return cls(image_token_id=model["image_token_id"], num_visual=model["num_visual"],
-                   vocab_size=model.get("vocab_size"), max_positions=model.get("max_position_embeddings"),
-                   max_prefix_tokens=prefix, max_text_tokens=text, max_new_tokens=new_tokens,
-                   pixel_range=pixel_range(processor))
+        spec = ModelSpec.from_json(manifest["model"])
+        return cls(image_token_id=spec.image_token_id, num_visual=spec.num_visual, vocab_size=spec.vocab_size,
+                   max_positions=spec.max_position_embeddings, max_prefix_tokens=prefix, max_text_tokens=text,
+                   max_new_tokens=new_tokens, pixel_range=pixel_range(processor))
 
     # ----------------------------------------------------------------------------------
     @property

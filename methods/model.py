@@ -29,7 +29,7 @@ class SparseLlava:
         self.spec = ModelSpec.from_hf_config(model.config, processor)  # layers, visual tokens, pad id, ...
         self.plan = resolve(self.config, self.spec.num_layers, self.spec.num_visual)
         self.executor = TorchExecutor(model, self.plan)
-        self.bounds = InputBounds.from_model(model, processor)  # vocabulary, positions, pixel range
+        self.bounds = InputBounds.from_spec(self.spec, processor)  # vocabulary, positions, pixel range
 
     @classmethod
     def from_pretrained(cls, name: str, config: SparseVLMConfig | None = None, dtype: str = "float32",

@@ -31,8 +31,12 @@ def check_architecture(model) -> None:
 
 
 def num_visual_tokens(model) -> int:
-    vc = model.config.vision_config
-    return (vc.image_size // vc.patch_size) ** 2
+    return visual_tokens_per_image(model.config.vision_config)
+
+
+def visual_tokens_per_image(vision_config) -> int:
+    """One token per patch of the (square) input image: (image_size // patch_size) ** 2."""
+    return (vision_config.image_size // vision_config.patch_size) ** 2
 
 
 # --------------------------------------------------------------------------------------

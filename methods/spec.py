@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from .loading import resolve_pad_token_id
+from .modeling import visual_tokens_per_image
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class ModelSpec:
         text, vision = config.text_config, config.vision_config
         return cls(num_layers=text.num_hidden_layers, hidden_size=text.hidden_size,
                    intermediate_size=text.intermediate_size, vocab_size=text.vocab_size,
-                   num_visual=(vision.image_size // vision.patch_size) ** 2,
+                   num_visual=visual_tokens_per_image(vision),
                    image_token_id=config.image_token_id, image_size=vision.image_size,
                    pad_token_id=resolve_pad_token_id(config, tokenizer),
                    max_position_embeddings=getattr(text, "max_position_embeddings", None))
