@@ -245,12 +245,12 @@ def export_artifact(model, location: str, config: SparseVLMConfig, out: Path, *,
     started = time.perf_counter()
     with atomic_directory(out, "partial-", overwrite=overwrite, replaceable=is_artifact) as tmp:
         recorded = _example_run(model, plan)
-        graphs = [("vision", VisionEncoder(model, plan, ONNX_OPS), None)]
-        graphs += [(f"segment_{s.index}", PrefillSegment(model, plan, s, ONNX_OPS), None) for s in specs]
-        graphs.append(("decode", DecodeStep(model, specs), None))
+        graphs = [("vision", VisionEncoder(model, plan, ONNX_OPS))]
+        graphs += [(f"segment_{s.index}", PrefillSegment(model, plan, s, ONNX_OPS)) for s in specs]
+        graphs.append(("decode", DecodeStep(model, specs)))
         table, weight_names = {}, _weight_file_names(model)
         bar = tqdm(graphs, desc=f"export {out.name}", unit="graph", disable=not progress)
-        for name, module, _ in bar:
+        for name, module in bar:
             bar.set_postfix_str(name)
             path = tmp / f"{name}.onnx"
             t0 = time.perf_counter()
