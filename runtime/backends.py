@@ -258,7 +258,7 @@ class TensorRTExecutor(GraphExecutor):
         self.order = stream_order if stream_order is not None else CudaStreamOrder()
         load_plugin_library(trt.get_plugin_registry(), plugin_library)
         self._runtimes: dict[PlanLoading, tuple] = {}  # (runtime, parent runtime)
-        self.engines = {}
+        self.engines, self._bounds_cache = {}, {}
         for name in graph_names(artifact):
             entry = engines[name]
             runtime = self._runtime(plan_loading(name, entry), plugin_library, lean_runtime)
@@ -315,9 +315,7 @@ class TensorRTExecutor(GraphExecutor):
     def profile_for(self, name: str, shapes: dict[str, tuple]) -> int:
         """The optimization profile that runs graph `name` at these input shapes, or a
         ProfileError saying which input lies outside which profile."""
-        engine = self.engines[name]
-        bounds = [{tensor: tuple(tuple(int(d) for d in bound) for bound in engine.get_tensor_profile_shape(tensor, index))
-                   for tensor in shapes} for index in range(engine.num_optimization_profiles)]
+        bounds = self._profile_bounds(name)
         profile = profile_for_shapes(bounds, shapes)
         if profile is not None:
             return profile
@@ -327,6 +325,20 @@ class TensorRTExecutor(GraphExecutor):
         raise ProfileError(reasons[0] if len(reasons) == 1 else
                            f"tensorrt backend: graph {name!r}: the input shapes fit none of its {len(reasons)} "
                            "optimization profiles: " + "; ".join(r.split(": ", 1)[1] for r in reasons))
+
+    def _profile_bounds(self, name: str) -> list[dict[str, tuple]]:
+        """Per optimization profile of graph `name`, each input's (min, opt, max) shape. Read
+        from the engine once per graph: the decode graph asks at every token."""
+        bounds = self._bounds_cache.get(name)
+        if bounds is None:
+            engine = self.engines[name]
+            inputs = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)
+                      if engine.get_tensor_mode(engine.get_tensor_name(i)) == self.trt.TensorIOMode.INPUT]
+            bounds = [{tensor: tuple(tuple(int(d) for d in bound)
+                                     for bound in engine.get_tensor_profile_shape(tensor, index))
+                       for tensor in inputs} for index in range(engine.num_optimization_profiles)]
+            self._bounds_cache[name] = bounds  # a racing thread computes the same value
+        return bounds
 
     def _set_address(self, graph: str, context, tensor: str, value: torch.Tensor) -> None:
         # An empty tensor's data_ptr() is 0, and TensorRT wants a non-null address for every
