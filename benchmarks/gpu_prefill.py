@@ -283,15 +283,16 @@ class TransformersPrefill:
         self.ids = torch.tensor([ids], device=pixels.device)
         self.unpruned = MethodPrefill(model, SparseVLMConfig(method="none"), ids, pixels, clock)  # for its FLOPs
         self.clock = clock
-        self._hook = None
 
     def __call__(self):
-        if self._hook is None:  # the projector's output is the end of the vision part
-            projector = self.model.model.multi_modal_projector
-            self._hook = projector.register_forward_hook(lambda *_: self.clock.mark("vision"))
-        with torch.inference_mode():
+        # The projector's output ends the vision part. Hooked for this call only: the method
+        # path calls the same projector module.
+        hook = self.model.model.multi_modal_projector.register_forward_hook(lambda *_: self.clock.mark("vision"))
+        try:
             out = self.model(input_ids=self.ids, pixel_values=self.pixels.to(self.model.dtype), logits_to_keep=1,
                              use_cache=True)
+        finally:
+            hook.remove()
         return out.logits[:, -1], [], len(self.ids[0]) - self.unpruned.vlm.plan.num_visual
 
     def accounting(self, decisions, text_tokens: int) -> dict:
@@ -419,6 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def with_index(device: str) -> str:
+    """'cuda' -> 'cuda:<current device>' (torch.cuda.set_device refuses a device without an index)."""
+    parsed = torch.device(device)
+    return str(parsed) if parsed.index is not None else f"{parsed.type}:{torch.cuda.current_device()}"
+
+
 def describe_device(device: str) -> str:
     if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(torch.device(device))
@@ -445,7 +452,8 @@ def main(argv: list[str]) -> int:
                              "--dry-run runs the tiny model on the CPU")
     check_device(device)
     if device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device))
+        device = with_index(device)
+        torch.cuda.set_device(device)  # events, synchronize and the memory peak use the current device
     if args.threads or dry:
         torch.set_num_threads(args.threads or 1)
     import transformers

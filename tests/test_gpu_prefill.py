@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import sparsevlm.methods  # noqa: F401 - imported first, so loading the script here adds no import mapping
+import sparsevlm.methods  # noqa: F401 - imported first, so loading the script (`script`) adds no import mapping
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_prefill.py"
@@ -136,14 +136,20 @@ def test_printed_table_has_every_row_and_the_paper_column(dry_run):
     assert "sparsevlm from " + str(REPO) in result.stdout  # the checkout next to the script, not an install
 
 
-def test_source_tree_mapping_is_pyprojects(monkeypatch):
-    """The script's import mapping is pyproject.toml's package-dir (read independently with tomllib)."""
+@pytest.fixture
+def script(monkeypatch):
+    """The script loaded as a module (sparsevlm is already imported: it adds no import mapping)."""
     spec = importlib.util.spec_from_file_location("gpu_prefill", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "gpu_prefill", module)  # its dataclasses look their module up
     spec.loader.exec_module(module)
+    return module
+
+
+def test_source_tree_mapping_is_pyprojects(script):
+    """The script's import mapping is pyproject.toml's package-dir (read independently with tomllib)."""
     expected = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
-    assert module.package_dirs(REPO / "pyproject.toml") == expected
+    assert script.package_dirs(REPO / "pyproject.toml") == expected
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a CUDA device")
@@ -154,3 +160,12 @@ def test_without_a_gpu_the_full_run_is_refused_in_one_line(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert result.stderr.startswith("gpu_prefill.py: error: no CUDA device") and "--dry-run" in result.stderr
     assert result.stdout == ""
+
+
+def test_a_cuda_device_gets_its_index(script, monkeypatch):
+    """torch.cuda.set_device(torch.device('cuda')) raises (no index): the script names the current device."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert script.with_index("cuda") == "cuda:3"
+    assert script.with_index("cuda:1") == "cuda:1"
+    with pytest.raises(ValueError, match="specified index"):  # why: what torch does with the bare name
+        torch.cuda.set_device(torch.device("cuda"))
