@@ -38,6 +38,7 @@ import argparse
 import importlib.abc
 import importlib.util
 import json
+import os
 import platform
 import re
 import statistics
@@ -87,6 +88,8 @@ def use_source_tree(root: Path = REPO) -> None:
 
 
 use_source_tree()
+# Nothing is downloaded: on a machine without network no library should wait on the hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402 - after the import mapping, like everything from sparsevlm
 
