@@ -89,6 +89,7 @@ struct RowScratch
     int32_t* candidateSlot; // [P]
     float* dist;            // [P, P]: the Gram matrix, then the distances (stage 3)
     float* squares;         // [P]: |x_i|^2, the Gram matrix's diagonal
+    float* rowMax;          // [1]: the largest distance between two candidates (stage 5)
     float* density;         // [P]
     float* centreScore;     // [P]
     int32_t* centres;       // [clusterBound]
@@ -99,7 +100,8 @@ SPARSEVLM_HD inline int64_t rowScratchBytes(Shape const& s)
 {
     int64_t const p = s.poolBound();
     return alignWorkspace(s.numVisual) + alignWorkspace(3 * 4) + alignWorkspace(p * 4) + alignWorkspace(p * p * 4)
-        + 3 * alignWorkspace(p * 4) + alignWorkspace(s.clusterBound() * 4) + alignWorkspace(p * 4);
+        + 3 * alignWorkspace(p * 4) + alignWorkspace(4) + alignWorkspace(s.clusterBound() * 4)
+        + alignWorkspace(p * 4);
 }
 
 SPARSEVLM_HD inline int64_t workspaceSize(Shape const& s)
@@ -122,6 +124,8 @@ SPARSEVLM_HD inline RowScratch rowScratch(void* workspace, Shape const& s, int64
     at += alignWorkspace(p * p * 4);
     r.squares = reinterpret_cast<float*>(at);
     at += alignWorkspace(p * 4);
+    r.rowMax = reinterpret_cast<float*>(at);
+    at += alignWorkspace(4);
     r.density = reinterpret_cast<float*>(at);
     at += alignWorkspace(p * 4);
     r.centreScore = reinterpret_cast<float*>(at);
@@ -431,10 +435,10 @@ inline void runOnHost(T const* visual, T const* scores, int32_t const* visualVal
                 maxReduceStep(shares, width, lane);
             }
         }
-        float const rowMaxDistance = shares[0];
+        r.rowMax[0] = shares[0];
         for (int64_t i = 0; i < pool; ++i)
         {
-            r.centreScore[i] = centreScore(r, poolBound, rowMaxDistance, i);
+            r.centreScore[i] = centreScore(r, poolBound, r.rowMax[0], i);
         }
         for (int64_t i = 0; i < pool; ++i)
         {

@@ -99,6 +99,10 @@ __global__ void clusterKernel(recycle::Shape s, void* workspace)
         __syncthreads();
     }
     float const rowMaxDistance = maxShares[0];
+    if (threadIdx.x == 0)
+    {
+        r.rowMax[0] = rowMaxDistance;
+    }
     for (int64_t i = threadIdx.x; i < pool; i += blockDim.x)
     {
         r.centreScore[i] = recycle::centreScore(r, poolBound, rowMaxDistance, i);
