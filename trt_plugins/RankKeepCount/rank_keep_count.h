@@ -351,11 +351,20 @@ inline double reduceOnHost(double* shares, Step step)
     return shares[0];
 }
 
+// The floating-point operations the CPU path did, summed over the rows (the GPU check's FLOP
+// counts): per Jacobi pair visited 6 L (three dot products of L = max(m, n) elements), per pair
+// rotated 6 L more (4 multiplies and 2 adds per element), and 2 c L for the c singular values.
+struct JacobiWork
+{
+    double flops = 0.0;
+};
+
 // The CPU path: the same functions, scans, reductions and sweep order (the pair sums of a
-// Jacobi step accumulated serially where a warp adds 32 lanes).
+// Jacobi step accumulated serially where a warp adds 32 lanes). `work`, when given, counts the
+// sweeps' pairs.
 template <typename T>
 inline void runOnHost(T const* attention, int32_t const* raters, int32_t const* visualValid, int64_t* rank,
-    int64_t* keep, Shape const& s, RuleParams const& params, void* workspace)
+    int64_t* keep, Shape const& s, RuleParams const& params, void* workspace, JacobiWork* work = nullptr)
 {
     double shares[kThreads];
     for (int64_t b = 0; b < s.batch; ++b)
@@ -398,7 +407,12 @@ inline void runOnHost(T const* attention, int32_t const* raters, int32_t const* 
                     }
                     double c = 1.0;
                     double sn = 0.0;
-                    if (jacobiRotation(sums[0], sums[1], sums[2], c, sn))
+                    bool const rotates = jacobiRotation(sums[0], sums[1], sums[2], c, sn);
+                    if (work != nullptr)
+                    {
+                        work->flops += (rotates ? 12.0 : 6.0) * static_cast<double>(k.length);
+                    }
+                    if (rotates)
                     {
                         rotated = true;
                         for (int64_t e = 0; e < k.length; ++e)
@@ -412,6 +426,10 @@ inline void runOnHost(T const* attention, int32_t const* raters, int32_t const* 
             {
                 break;
             }
+        }
+        if (work != nullptr)
+        {
+            work->flops += 2.0 * static_cast<double>(k.count) * static_cast<double>(k.length);
         }
         for (int64_t p = 0; p < k.count; ++p)
         {

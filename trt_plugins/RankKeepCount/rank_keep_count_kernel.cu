@@ -1,12 +1,12 @@
 // CUDA kernels of RankKeepCount, the stages of rank_keep_count.h:
 //   scanKernel     one block per row: exclusive prefix sums of the rater and visual masks
 //   copyKernel     a block per (column chunk, rater, row): the block P into the float64 scratch
-//   jacobiKernel   one block per row: the one-sided Jacobi SVD. Sweeps follow the round-robin
-//                  schedule: within a step the pairs are disjoint, so each warp takes pairs on
-//                  its own (three dot products reduced with shuffles, then the rotation of both
-//                  vectors) and the block synchronizes once per step; every step reads what the
-//                  previous one rotated, so a sweep stays in one block. The sweep repeats until
-//                  no pair needed a rotation.
+//   jacobiKernel   one block per row (1024 threads): the one-sided Jacobi SVD. Sweeps follow
+//                  the round-robin schedule: within a step the pairs are disjoint, so each warp
+//                  takes pairs on its own (three dot products reduced with shuffles, then the
+//                  rotation of both vectors) and the block synchronizes once per step; every
+//                  step reads what the previous one rotated, so a sweep stays in one block. The
+//                  sweep repeats until no pair needed a rotation.
 //   normKernel     a block per (vector, row): its singular value, a block reduction
 //   rankKernel     one block per row: sigma_max (block max), the count above the tolerance
 //                  (block sum) and the keep rule
@@ -22,6 +22,9 @@ namespace
 constexpr int kWarp = 32;
 constexpr unsigned kFullMask = 0xFFFFFFFFU;
 constexpr int64_t kMaxGridY = 65535; // CUDA's limit on gridDim.y
+// The Jacobi block: one warp per pair of a step for up to 64 vectors (T = 64 raters: 32 pairs),
+// so a step is one round of dot products and rotations.
+constexpr int kJacobiThreads = 1024;
 
 __device__ double warpSum(double value)
 {
@@ -121,7 +124,7 @@ __global__ void copyKernel(
 }
 
 // Stage 3: one block per row.
-__global__ void jacobiKernel(rankkeep::Shape s, void* workspace)
+__global__ void __launch_bounds__(kJacobiThreads) jacobiKernel(rankkeep::Shape s, void* workspace)
 {
     __shared__ bool rotatedInSweep;
 
@@ -249,7 +252,7 @@ cudaError_t launch(T const* attention, int32_t const* raters, int32_t const* vis
         int64_t const raterBlocks = s.numRaters < kMaxGridY ? s.numRaters : kMaxGridY;
         copyKernel<<<dim3(static_cast<unsigned>(blocksFor(s.numVisual)), static_cast<unsigned>(raterBlocks), rows),
             kThreads, 0, stream>>>(attention, raters, visualValid, s, workspace);
-        jacobiKernel<<<rows, kThreads, 0, stream>>>(s, workspace);
+        jacobiKernel<<<rows, kJacobiThreads, 0, stream>>>(s, workspace);
         normKernel<<<dim3(static_cast<unsigned>(rankkeep::smallerSide(s)), rows), kThreads, 0, stream>>>(s, workspace);
     }
     rankKernel<<<rows, kThreads, 0, stream>>>(rank, keep, s, params, workspace);
