@@ -6,9 +6,10 @@ serially behind a C ABI. This file compiles it with the system C++ compiler and 
 with `sparsevlm.methods.token_ops` in float32, including the edge cases of the contract
 (k = 0, k = N, tied scores, NaN and +-inf scores, rank-deficient blocks, rows with different
 keep counts) and the edges of the kernels' tiling (TokenRecycle's Gram tiles and hidden-size
-slices, RankKeepCount's scan chunks), whose sizes the library reports. Masks cross the plugin boundary as int32: they go in as int32 (any nonzero value
-is true) and must come out as exactly 0 or 1. Every output buffer is followed by guard
-elements that must stay untouched (a kernel that writes past its output fails here).
+slices, RankKeepCount's scan chunks), whose sizes the library reports. Masks cross the plugin
+boundary as int32: they go in as int32 (any nonzero value is true) and must come out as
+exactly 0 or 1. Every output buffer is followed by guard elements that must stay untouched (a
+kernel that writes past its output fails here).
 """
 
 from __future__ import annotations
@@ -609,8 +610,8 @@ def test_rank_keep_count_across_scan_chunks(host_ops, num_raters, num_visual):
     generator = torch.Generator().manual_seed(num_raters)
     batch = 3
     ranks = [1, 4, min(num_raters, num_visual) - 2]
-    attention = torch.stack([torch.rand(num_raters, r, generator=generator) @ torch.rand(r, num_visual, generator=generator)
-                             for r in ranks]).contiguous()
+    attention = torch.stack([torch.rand(num_raters, r, generator=generator)
+                             @ torch.rand(r, num_visual, generator=generator) for r in ranks]).contiguous()
     raters = torch.ones(batch, num_raters, dtype=torch.bool)
     visual_valid = torch.ones(batch, num_visual, dtype=torch.bool)
     raters[1, 0] = raters[2, [1, -1]] = False  # different valid counts per row, across the chunks

@@ -265,7 +265,8 @@ SPARSEVLM_HD inline double rankTolerance(Block const& k, double largest)
     return static_cast<double>(FLT_EPSILON) * static_cast<double>(k.length) * largest;
 }
 
-SPARSEVLM_HD inline double aboveShare(RowScratch const& r, Block const& k, double tolerance, int64_t lane, int64_t lanes)
+SPARSEVLM_HD inline double aboveShare(
+    RowScratch const& r, Block const& k, double tolerance, int64_t lane, int64_t lanes)
 {
     double count = 0.0; // exact: at most min(T, V) ones
     for (int64_t p = lane; p < k.count; p += lanes)
