@@ -45,7 +45,9 @@ constexpr int kGramSlice = 32;
 constexpr int kGramSliceStride = kGramSlice + 1; // one float of padding: no shared-memory bank conflicts
 constexpr int kGramRowStep = kThreads / kGramTile;
 constexpr int kGramRowsPerThread = kGramTile / kGramRowStep;
+constexpr int kGramLoadsPerThread = kGramTile * kGramSlice / kThreads; // slice elements each thread stages
 static_assert(kThreads % kGramTile == 0 && kGramTile % kGramRowStep == 0, "Gram tile and block size do not fit");
+static_assert(kGramTile * kGramSlice % kThreads == 0, "a Gram slice is not a whole number of loads per thread");
 
 // pool(d) = (candidate_percent * d) // 100 + 1 deleted tokens become candidates (0 if d = 0).
 SPARSEVLM_HD inline int64_t poolSize(int64_t deleted, int64_t candidatePercent)
@@ -171,24 +173,34 @@ SPARSEVLM_HD inline int64_t gramTiles(int64_t poolBound)
     return (poolBound + kGramTile - 1) / kGramTile;
 }
 
-// Stage 3a, thread `thread` of `threads`: stage dimensions [d0, d0 + kGramSlice) of the
-// kGramTile candidates from `firstCandidate` as float32 into `slice` [kGramTile][kGramSliceStride];
-// zeros past the pool or past D (they add exact zeros to the sums). Consecutive threads read
-// consecutive dimensions of one row.
+// Stage 3a, thread `thread` of the tile: fetch its kGramLoadsPerThread elements of the slice
+// [d0, d0 + kGramSlice) of the kGramTile candidates from `firstCandidate`, as float32 (zeros
+// past the pool or past D: they add exact zeros to the sums), then store them into `slice`
+// [kGramTile][kGramSliceStride]. Two steps, so the kernel can fetch the next slice into
+// registers while it multiplies the staged one. Consecutive threads read consecutive
+// dimensions of one row.
 template <typename T>
-SPARSEVLM_HD inline void loadGramSlice(T const* rowVisual, RowScratch const& r, int64_t dim, int64_t firstCandidate,
-    int64_t d0, int thread, int threads, float* slice)
+SPARSEVLM_HD inline void fetchGramSlice(T const* rowVisual, RowScratch const& r, int64_t dim, int64_t firstCandidate,
+    int64_t d0, int thread, float values[kGramLoadsPerThread])
 {
     int64_t const pool = r.counts[1];
-    for (int e = thread; e < kGramTile * kGramSlice; e += threads)
+    for (int m = 0; m < kGramLoadsPerThread; ++m)
     {
-        int const row = e / kGramSlice;
-        int const column = e % kGramSlice;
-        int64_t const candidate = firstCandidate + row;
-        int64_t const d = d0 + column;
-        slice[row * kGramSliceStride + column] = candidate < pool && d < dim
+        int const e = thread + m * kThreads;
+        int64_t const candidate = firstCandidate + e / kGramSlice;
+        int64_t const d = d0 + e % kGramSlice;
+        values[m] = candidate < pool && d < dim
             ? toFloat(rowVisual[static_cast<int64_t>(r.candidateSlot[candidate]) * dim + d])
             : 0.0F;
+    }
+}
+
+SPARSEVLM_HD inline void storeGramSlice(float const values[kGramLoadsPerThread], int thread, float* slice)
+{
+    for (int m = 0; m < kGramLoadsPerThread; ++m)
+    {
+        int const e = thread + m * kThreads;
+        slice[(e / kGramSlice) * kGramSliceStride + e % kGramSlice] = values[m];
     }
 }
 
@@ -399,8 +411,14 @@ inline void runOnHost(T const* visual, T const* scores, int32_t const* visualVal
                 float sums[kThreads][kGramRowsPerThread] = {};
                 for (int64_t d0 = 0; d0 < s.dim; d0 += kGramSlice)
                 {
-                    loadGramSlice(rowVisual, r, s.dim, tileRow * kGramTile, d0, 0, 1, sliceRows);
-                    loadGramSlice(rowVisual, r, s.dim, tileColumn * kGramTile, d0, 0, 1, sliceColumns);
+                    for (int thread = 0; thread < kThreads; ++thread)
+                    {
+                        float values[kGramLoadsPerThread];
+                        fetchGramSlice(rowVisual, r, s.dim, tileRow * kGramTile, d0, thread, values);
+                        storeGramSlice(values, thread, sliceRows);
+                        fetchGramSlice(rowVisual, r, s.dim, tileColumn * kGramTile, d0, thread, values);
+                        storeGramSlice(values, thread, sliceColumns);
+                    }
                     for (int thread = 0; thread < kThreads; ++thread)
                     {
                         accumulateGramSlice(sliceRows, sliceColumns, thread, sums[thread]);

@@ -36,8 +36,10 @@ __global__ void candidateKernel(
     }
 }
 
-// Stage 3: block (tile column, tile row, batch row) computes one kGramTile x kGramTile tile of
-// the candidates' Gram matrix, tile row <= tile column (the other half is its transpose).
+// Stage 3: block (tile column, tile row, batch row), kThreads threads, computes one
+// kGramTile x kGramTile tile of the candidates' Gram matrix, tile row <= tile column (the other
+// half is its transpose). The next slice is fetched into registers while the staged one is
+// multiplied (the loads' latency hides behind the arithmetic).
 template <typename T>
 __global__ void gramKernel(T const* visual, recycle::Shape s, void* workspace)
 {
@@ -54,18 +56,36 @@ __global__ void gramKernel(T const* visual, recycle::Shape s, void* workspace)
     T const* rowVisual = visual + b * s.numVisual * s.dim;
     bool const diagonal = tileRow == tileColumn; // both operands are the same candidates
     int const thread = threadIdx.x;
+    int64_t const firstRow = tileRow * recycle::kGramTile;
+    int64_t const firstColumn = tileColumn * recycle::kGramTile;
     float sums[recycle::kGramRowsPerThread] = {};
+    float nextRows[recycle::kGramLoadsPerThread];
+    float nextColumns[recycle::kGramLoadsPerThread];
+    recycle::fetchGramSlice(rowVisual, r, s.dim, firstRow, 0, thread, nextRows);
+    if (!diagonal)
+    {
+        recycle::fetchGramSlice(rowVisual, r, s.dim, firstColumn, 0, thread, nextColumns);
+    }
     for (int64_t d0 = 0; d0 < s.dim; d0 += recycle::kGramSlice)
     {
-        recycle::loadGramSlice(rowVisual, r, s.dim, tileRow * recycle::kGramTile, d0, thread, blockDim.x, sliceRows);
+        recycle::storeGramSlice(nextRows, thread, sliceRows);
         if (!diagonal)
         {
-            recycle::loadGramSlice(
-                rowVisual, r, s.dim, tileColumn * recycle::kGramTile, d0, thread, blockDim.x, sliceColumns);
+            recycle::storeGramSlice(nextColumns, thread, sliceColumns);
         }
         __syncthreads(); // the slices are staged
+        // The next slice's loads are in flight while this one is multiplied.
+        if (d0 + recycle::kGramSlice < s.dim)
+        {
+            recycle::fetchGramSlice(rowVisual, r, s.dim, firstRow, d0 + recycle::kGramSlice, thread, nextRows);
+            if (!diagonal)
+            {
+                recycle::fetchGramSlice(
+                    rowVisual, r, s.dim, firstColumn, d0 + recycle::kGramSlice, thread, nextColumns);
+            }
+        }
         recycle::accumulateGramSlice(sliceRows, diagonal ? sliceRows : sliceColumns, thread, sums);
-        __syncthreads(); // everyone is done with them before the next slice overwrites them
+        __syncthreads(); // everyone is done with the slices before the next ones are stored
     }
     recycle::storeGramSums(r, s.poolBound(), tileRow, tileColumn, thread, sums);
 }
