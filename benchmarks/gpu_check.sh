@@ -10,8 +10,10 @@
 #                                         path, timed.
 # LLaVA-1.5-7B shapes: B = 1 and 8, 576 visual tokens, hidden size 4096, float32 and float16
 # (trt_plugins/tests/llava_cases.h). Each row prints the CPU path's time, the device time (CUDA
-# events, median of --runs after --warmup) and the achieved bandwidth, bytes moved / time, with
-# the byte-count formula of each op printed above the table.
+# events, median of --runs after --warmup), the achieved bandwidth (bytes moved / time) and the
+# arithmetic rate (FLOPs / time: TokenRecycle's Gram product, 2*P*P*D per row, and merge;
+# RankKeepCount's Jacobi SVD as the CPU path counted it), with each op's byte and FLOP formulas
+# printed above the table.
 #
 #   bash benchmarks/gpu_check.sh               on a machine with a CUDA GPU (a few minutes)
 #   bash benchmarks/gpu_check.sh --dry-run     no GPU needed: compiles everything, runs the CPU

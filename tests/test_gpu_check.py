@@ -26,19 +26,19 @@ from test_trt_plugin_library import _nvcc, _tensorrt_include, built  # noqa: F40
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
 OPS = ["TopKTokenSelect", "TokenPrune", "TokenRecycle", "RankKeepCount"]
 EXPECTED_ROWS = {(op, dtype, batch) for op in OPS for dtype in ("float32", "float16") for batch in (1, 8)}
-ROW = re.compile(r"^(kernel|enqueue)\s+(\w+)\s+(float32|float16)\s+(\d+)\s+(.+?)\s+([\d.]+)\s+(\S+)\s+"
-                 r"n/a \(dry run\)\s+n/a \(dry run\)$")
+ROW = re.compile(r"^(kernel|enqueue)\s+(\w+)\s+(float32|float16)\s+(\d+)\s+(.+?)\s+([\d.]+)\s+(\S+)\s+(\S+)\s+"
+                 r"n/a \(dry run\)\s+n/a \(dry run\)\s+n/a \(dry run\)$")
 
 
-def _rows(stdout: str, path: str) -> dict[tuple[str, str, int], tuple[str, float, str]]:
-    """(op, type, B) -> (shape column, MB moved, CPU ms column) of one program's table."""
+def _rows(stdout: str, path: str) -> dict[tuple[str, str, int], tuple[str, float, str, str]]:
+    """(op, type, B) -> (shape column, MB moved, CPU ms column, GFLOP column) of one program's table."""
     rows = {}
     for line in stdout.splitlines():
         match = ROW.match(line)
         if match and match.group(1) == path:
             key = (match.group(2), match.group(3), int(match.group(4)))
             assert key not in rows, f"row printed twice: {line}"
-            rows[key] = (match.group(5), float(match.group(6)), match.group(7))
+            rows[key] = (match.group(5), float(match.group(6)), match.group(8), match.group(7))
     return rows
 
 
@@ -71,7 +71,7 @@ def test_dry_run_completes_with_every_op_and_shape(dry_run):
 
     kernel = _rows(result.stdout, "kernel")
     assert set(kernel) == EXPECTED_ROWS
-    for (op, _, _), (shape, _, cpu_ms) in kernel.items():
+    for (op, _, _), (shape, _, cpu_ms, _) in kernel.items():
         assert "576" in shape and ("D=4096" in shape or op == "RankKeepCount"), (op, shape)
         float(cpu_ms)  # the CPU path ran at these shapes (a number, not n/a)
     # One check per case: the CPU path against a brute-force computation (stable sorts, a
@@ -102,6 +102,29 @@ def test_dry_run_states_the_byte_counts(dry_run):
     assert kernel[("RankKeepCount", "float16", 8)][1] == pytest.approx(0.610432, abs=0.005)
     # float16 moves half the float32 bytes of the D-wide rows.
     assert kernel[("TopKTokenSelect", "float16", 8)][1] < 0.51 * kernel[("TopKTokenSelect", "float32", 8)][1]
+
+
+def test_dry_run_states_the_flop_counts(dry_run):
+    result, with_library = dry_run
+    for op in OPS:
+        assert re.search(rf"^\s+{op}\s+(none|sum over rows|per Jacobi pair)", result.stdout, re.MULTILINE), \
+            f"no FLOP formula for {op}"
+    assert "2*P*P*D" in result.stdout
+    kernel = _rows(result.stdout, "kernel")
+    for dtype in ("float32", "float16"):
+        assert kernel[("TopKTokenSelect", dtype, 1)][3] == kernel[("TokenPrune", dtype, 8)][3] == "-"
+        # TokenRecycle B=1: keep_count 300 of ~98 % of 576 valid tokens leaves d in [250, 276]
+        # deleted, so P = 30 * d // 100 + 1 in [76, 83] candidates; 2*P*P*D + P*D with D = 4096.
+        low, high = (2 * p * p * 4096 + p * 4096 for p in (76, 83))
+        assert low / 1e9 <= float(kernel[("TokenRecycle", dtype, 1)][3]) <= high / 1e9
+        # The SVD's count comes from the CPU path's sweeps: at least one sweep of visited pairs
+        # over 64 vectors of >= 500 elements (6 * 500 * 64 * 63 / 2 FLOPs).
+        assert float(kernel[("RankKeepCount", dtype, 1)][3]) >= 6 * 500 * 64 * 63 / 2 / 1e9
+    if with_library:
+        enqueue = _rows(result.stdout, "enqueue")
+        # The enqueue dry run does not run the CPU path: the data-independent counts only.
+        assert enqueue[("TokenRecycle", "float32", 8)][3] == kernel[("TokenRecycle", "float32", 8)][3]
+        assert enqueue[("RankKeepCount", "float32", 8)][3] == "n/a"
 
 
 @pytest.mark.parametrize("arguments, message", [

@@ -5,9 +5,11 @@ Every plugin kernel does its per-element work in `__host__ __device__` functions
 serially behind a C ABI. This file compiles it with the system C++ compiler and compares it
 with `sparsevlm.methods.token_ops` in float32, including the edge cases of the contract
 (k = 0, k = N, tied scores, NaN and +-inf scores, rank-deficient blocks, rows with different
-keep counts). Masks cross the plugin boundary as int32: they go in as int32 (any nonzero value
-is true) and must come out as exactly 0 or 1. Every output buffer is followed by guard
-elements that must stay untouched (a kernel that writes past its output fails here).
+keep counts) and the edges of the kernels' tiling (TokenRecycle's Gram tiles and hidden-size
+slices, RankKeepCount's scan chunks), whose sizes the library reports. Masks cross the plugin
+boundary as int32: they go in as int32 (any nonzero value is true) and must come out as
+exactly 0 or 1. Every output buffer is followed by guard elements that must stay untouched (a
+kernel that writes past its output fails here).
 """
 
 from __future__ import annotations
@@ -368,6 +370,107 @@ def test_token_recycle_zero_visual_tokens(host_ops):
     assert (merged == 0).all() and not merged_valid.any()
 
 
+def tiling(lib) -> tuple[int, int, int]:
+    """(Gram tile, hidden-size slice, threads per block = scan chunk) as the kernels use them."""
+    sizes = np.zeros(3, np.int64)
+    lib.sparsevlm_tiling(_ptr(sizes))
+    return int(sizes[0]), int(sizes[1]), int(sizes[2])
+
+
+def deleted_for_pool(pool: int, candidate_percent: int) -> int:
+    """The smallest number of deleted tokens whose recycling pool has `pool` candidates."""
+    return next(d for d in range(1, 1000) if token_ops.recycle_pool_size(d, candidate_percent) == pool)
+
+
+def tile_edge_case(pools: list[int], dim: int, candidate_percent: int, seed: int):
+    """One batch row per pool size, each with its own valid and deleted counts."""
+    generator = torch.Generator().manual_seed(seed)
+    deleted = [deleted_for_pool(p, candidate_percent) for p in pools]
+    num_visual = max(deleted) + 9
+    visual = torch.randn(len(pools), num_visual, dim, generator=generator)
+    scores = torch.randn(len(pools), num_visual, generator=generator)
+    visual_valid = torch.ones(len(pools), num_visual, dtype=torch.bool)
+    for row in range(len(pools)):
+        visual_valid[row, torch.randperm(num_visual, generator=generator)[:row % 4]] = False  # 0-3 invalid slots
+    keep_count = visual_valid.sum(1) - torch.tensor(deleted)
+    assert bool((keep_count >= 1).all())
+    return visual, scores, visual_valid, keep_count
+
+
+def run_recycle_distances(lib, visual, scores, visual_valid, keep_count, candidate_percent, cluster_divisor):
+    batch, num_visual, dim = visual.shape
+    bound = (candidate_percent * num_visual) // 100 + 1
+    arrays = [visual.numpy().copy(), scores.numpy().copy(), _mask_in(visual_valid), keep_count.numpy().copy()]
+    distances = np.full((batch, bound, bound), np.nan, np.float32)
+    pool = np.full(batch, -1, np.int64)
+    row_max = np.full(batch, np.nan, np.float32)
+    lib.sparsevlm_token_recycle_distances(*[_ptr(a) for a in arrays], _ptr(distances), _ptr(pool), _ptr(row_max),
+                                          *_i64(batch, num_visual, dim, candidate_percent, cluster_divisor))
+    return torch.from_numpy(distances), pool.tolist(), row_max.tolist()
+
+
+@pytest.mark.parametrize("dim_from_slice", [-1, 1, 35])
+def test_token_recycle_gram_tiles_match_brute_force_distances(host_ops, dim_from_slice):
+    # Pools of 1, tile - 1, tile, tile + 1 and 2 tiles + 1 candidates (one per batch row, each row
+    # with its own valid and deleted counts), and a hidden size just under, just over and well
+    # past a multiple of the slice: every edge of the tiled Gram product. The distance matrices
+    # left by the CPU path must match float64 cdist of the reference's candidates, be exactly
+    # symmetric with a zero diagonal, the row max (a reduction over lanes) must be their largest
+    # entry, and the merged tokens must match the reference.
+    tile, slice_, _ = tiling(host_ops)
+    pools = [1, tile - 1, tile, tile + 1, 2 * tile + 1]
+    dim = slice_ + dim_from_slice if dim_from_slice < slice_ else 2 * slice_ + 3
+    case = tile_edge_case(pools, dim, 99, seed=dim)
+    visual, scores, visual_valid, keep_count = case
+    distances, pool, row_max = run_recycle_distances(host_ops, *case, 99, 3)
+    assert pool == pools
+    deleted = visual_valid & ~token_ops.topk_keep_mask(scores, visual_valid, keep_count)
+    order = token_ops.sort_order(scores.masked_fill(~deleted, float("-inf")), descending=True)
+    for row, p in enumerate(pools):
+        candidates = visual[row, order[row, :p]].double()
+        want = torch.cdist(candidates, candidates) / dim ** 0.5
+        got = distances[row, :p, :p]
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        assert torch.equal(got, got.T) and bool((got.diagonal() == 0).all())
+        assert row_max[row] == got.max().item()
+    merged, merged_valid = run_recycle(host_ops, *case, 99, 3)
+    want_merged, want_valid = token_ops.token_recycle(*case, 99, 3)
+    assert torch.equal(merged_valid, want_valid)
+    torch.testing.assert_close(merged, want_merged, rtol=1e-5, atol=1e-5)
+
+
+def test_token_recycle_row_max_is_reduced_over_every_lane(host_ops):
+    # The row's max distance is a block reduction: lane l takes entries l, l + lanes, ... of the
+    # P x P matrix, then a tree halves the lanes. Two candidates far from all others put the
+    # unique max (both copies, (i, j) and (j, i)) in lanes of the upper half, one of them in the
+    # last lane: a tree that drops lanes or a step loses it.
+    _, _, lanes = tiling(host_ops)
+    pool, pair = next((p, (i, j)) for p in range(lanes // 8, 101) for i in range(p) for j in range(i + 1, p)
+                      if (i * p + j) % lanes == lanes - 1 and (j * p + i) % lanes >= lanes // 2)
+    generator = torch.Generator().manual_seed(9)
+    visual = torch.rand(1, pool, 8, generator=generator)
+    visual[0, pair[0]] += 10.0
+    visual[0, pair[1]] -= 10.0
+    scores = -torch.arange(pool, dtype=torch.float32)[None]  # candidate r is slot r
+    case = (visual, scores, torch.ones(1, pool, dtype=torch.bool), torch.tensor([0]))
+    assert deleted_for_pool(pool, 99) == pool
+    distances, got_pool, row_max = run_recycle_distances(host_ops, *case, 99, 3)
+    want = torch.cdist(visual[0].double(), visual[0].double()) / 8 ** 0.5
+    assert got_pool == [pool]
+    assert row_max[0] == pytest.approx(float(want.max()), rel=1e-6) == distances[0, pair[0], pair[1]].item()
+
+
+def test_token_recycle_tile_edges_at_the_default_pool(host_ops):
+    # The default candidate share (30 %) over several tiles of candidates, rows of different
+    # deleted counts (pools 1, tile + 1, 3 tiles - 1), hidden size not a multiple of the slice.
+    tile, slice_, _ = tiling(host_ops)
+    case = tile_edge_case([1, tile + 1, 3 * tile - 1], 3 * slice_ - 5, 30, seed=4)
+    merged, merged_valid = run_recycle(host_ops, *case, 30, 10)
+    want_merged, want_valid = token_ops.token_recycle(*case, 30, 10)
+    assert torch.equal(merged_valid, want_valid)
+    torch.testing.assert_close(merged, want_merged, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # RankKeepCount
 
@@ -470,3 +573,59 @@ def test_rank_keep_count_rule_numbers_are_double(host_ops, rule, scale, bias, la
     rank, keep = run_rank(host_ops, attention, raters, visual_valid, rule, scale, bias, lam)
     assert rank.tolist() == [10]
     assert keep.tolist() == [reference_keep(rule, 10, 20, scale, bias, lam)] == [want_keep]
+
+
+def test_rank_mask_positions_are_exclusive_prefix_sums(host_ops):
+    # The block scan that places each rater row and valid column, at the edges of its chunks.
+    _, _, chunk = tiling(host_ops)
+    generator = np.random.default_rng(6)
+    for n in (0, 1, chunk - 1, chunk, chunk + 1, 2 * chunk + 3):
+        mask = np.where(generator.random(n) < 0.6, generator.choice([1, -3, 7], n), 0).astype(np.int32)
+        position = np.full(n + GUARD, -5, np.int32)
+        total = host_ops.sparsevlm_mask_positions(_ptr(mask), ctypes.c_int64(n), _ptr(position))
+        set_flags = (mask != 0).astype(np.int64)
+        assert total == set_flags.sum()
+        assert position[:n].tolist() == (np.cumsum(set_flags) - set_flags).tolist()
+        assert (position[n:] == -5).all()
+
+
+def run_singular_values(lib, attention, raters, visual_valid) -> np.ndarray:
+    batch, num_raters, num_visual = attention.shape
+    arrays = [attention.numpy().copy(), _mask_in(raters), _mask_in(visual_valid)]
+    singular = np.full((batch, min(num_raters, num_visual)), np.nan)
+    lib.sparsevlm_rank_singular_values(*[_ptr(a) for a in arrays], _ptr(singular),
+                                       *_i64(batch, num_raters, num_visual))
+    return singular
+
+
+@pytest.mark.parametrize("num_raters,num_visual", [("chunk+1", 12), (9, "2*chunk+3")])
+def test_rank_keep_count_across_scan_chunks(host_ops, num_raters, num_visual):
+    # Masks longer than one scan chunk (more raters than valid columns, so the block is stored
+    # transposed; or more visual tokens than a chunk), rows with different valid counts and
+    # known ranks. A rater or column placed wrongly changes the block: its singular values (from
+    # the stage-4 reductions) must be torch's, and rank and keep count the reference's.
+    _, _, chunk = tiling(host_ops)
+    sizes = {"chunk+1": chunk + 1, "2*chunk+3": 2 * chunk + 3}
+    num_raters, num_visual = sizes.get(num_raters, num_raters), sizes.get(num_visual, num_visual)
+    generator = torch.Generator().manual_seed(num_raters)
+    batch = 3
+    ranks = [1, 4, min(num_raters, num_visual) - 2]
+    attention = torch.stack([torch.rand(num_raters, r, generator=generator)
+                             @ torch.rand(r, num_visual, generator=generator) for r in ranks]).contiguous()
+    raters = torch.ones(batch, num_raters, dtype=torch.bool)
+    visual_valid = torch.ones(batch, num_visual, dtype=torch.bool)
+    raters[1, 0] = raters[2, [1, -1]] = False  # different valid counts per row, across the chunks
+    if num_visual > chunk:
+        visual_valid[1, [0, chunk - 1, chunk]] = False
+        visual_valid[2, chunk + 1:chunk + 40] = False
+    rule = lambda r, v: reference_keep("v1.0", r, v, 13.5, 0.0, 0.0)  # noqa: E731
+    rank, keep = run_rank(host_ops, attention, raters, visual_valid, "v1.0", 13.5, 0.0, 0.0)
+    want_rank, want_keep = token_ops.rank_keep_count(attention, raters, visual_valid, rule)
+    assert rank.tolist() == want_rank.tolist() == ranks
+    assert keep.tolist() == want_keep.tolist()
+    singular = run_singular_values(host_ops, attention, raters, visual_valid)
+    for row in range(batch):
+        block = attention[row][raters[row]][:, visual_valid[row]].double()
+        want = torch.linalg.svdvals(block).numpy()
+        got = np.sort(singular[row, :want.size])[::-1]
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-9 * want[0])

@@ -1,8 +1,15 @@
-// CUDA kernel of RankKeepCount: one block per batch row runs the one-sided Jacobi SVD of
-// rank_keep_count.h. Sweeps follow the round-robin schedule: within a step the pairs are
-// disjoint, so each warp takes pairs on its own (three dot products reduced with shuffles,
-// then the rotation of both vectors) and the block synchronizes once per step. The sweep
-// repeats until no pair needed a rotation.
+// CUDA kernels of RankKeepCount, the stages of rank_keep_count.h:
+//   scanKernel     one block per row: exclusive prefix sums of the rater and visual masks
+//   copyKernel     a block per (column chunk, rater, row): the block P into the float64 scratch
+//   jacobiKernel   one block per row (1024 threads): the one-sided Jacobi SVD. Sweeps follow
+//                  the round-robin schedule: within a step the pairs are disjoint, so each warp
+//                  takes pairs on its own (three dot products reduced with shuffles, then the
+//                  rotation of both vectors) and the block synchronizes once per step; every
+//                  step reads what the previous one rotated, so a sweep stays in one block. The
+//                  sweep repeats until no pair needed a rotation.
+//   normKernel     a block per (vector, row): its singular value, a block reduction
+//   rankKernel     one block per row: sigma_max (block max), the count above the tolerance
+//                  (block sum) and the keep rule
 #include "rank_keep_count_kernel.h"
 
 #include "../common/launch.h"
@@ -14,6 +21,10 @@ namespace
 
 constexpr int kWarp = 32;
 constexpr unsigned kFullMask = 0xFFFFFFFFU;
+constexpr int64_t kMaxGridY = 65535; // CUDA's limit on gridDim.y
+// The Jacobi block: one warp per pair of a step for up to 64 vectors (T = 64 raters: 32 pairs),
+// so a step is one round of dot products and rotations.
+constexpr int kJacobiThreads = 1024;
 
 __device__ double warpSum(double value)
 {
@@ -53,9 +64,67 @@ __device__ bool orthogonalizePair(rankkeep::Block const& k, int64_t p, int64_t q
     return true;
 }
 
+// Stage 1: one block per row scans both masks.
+__device__ int32_t scanMask(int32_t const* mask, int64_t n, int32_t* position)
+{
+    __shared__ int32_t buffers[2][kThreads];
+    int const lane = threadIdx.x;
+    int32_t carry = 0;
+    for (int64_t chunkStart = 0; chunkStart < n; chunkStart += kThreads)
+    {
+        int current = 0;
+        rankkeep::loadScanChunk(mask, n, chunkStart, lane, buffers[current]);
+        __syncthreads();
+        for (int offset = 1; offset < kThreads; offset *= 2)
+        {
+            rankkeep::scanStep(buffers[current], buffers[1 - current], offset, lane);
+            current = 1 - current;
+            __syncthreads();
+        }
+        rankkeep::writeScanChunk(mask, n, chunkStart, carry, buffers[current], lane, position);
+        carry += buffers[current][kThreads - 1];
+        __syncthreads(); // everyone has read the chunk before the next one is loaded
+    }
+    return carry;
+}
+
+__global__ void scanKernel(int32_t const* raters, int32_t const* visualValid, rankkeep::Shape s, void* workspace)
+{
+    int64_t const b = blockIdx.x;
+    rankkeep::RowScratch const r = rankkeep::rowScratch(workspace, s, b);
+    int32_t const m = scanMask(raters + b * s.numRaters, s.numRaters, r.raterPosition);
+    int32_t const n = scanMask(visualValid + b * s.numVisual, s.numVisual, r.visualPosition);
+    if (threadIdx.x == 0)
+    {
+        r.counts[0] = m;
+        r.counts[1] = n;
+    }
+}
+
+// Stage 2: block (column chunk, rater t, row b) copies its kThreads elements of rater t (and
+// of t + gridDim.y, ... when T exceeds the grid's y limit).
 template <typename T>
-__global__ void rankKernel(T const* attention, int32_t const* raters, int32_t const* visualValid, int64_t* rank,
-    int64_t* keep, rankkeep::Shape s, rankkeep::RuleParams params, void* workspace)
+__global__ void copyKernel(
+    T const* attention, int32_t const* raters, int32_t const* visualValid, rankkeep::Shape s, void* workspace)
+{
+    int64_t const v = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+    int64_t const b = blockIdx.z;
+    if (v >= s.numVisual)
+    {
+        return;
+    }
+    int32_t const* rowRaters = raters + b * s.numRaters;
+    rankkeep::RowScratch const r = rankkeep::rowScratch(workspace, s, b);
+    rankkeep::Block const k = rankkeep::makeBlock(r);
+    for (int64_t t = blockIdx.y; t < s.numRaters; t += gridDim.y)
+    {
+        rankkeep::copyElement(attention + b * s.numRaters * s.numVisual, rowRaters, visualValid + b * s.numVisual, r,
+            k, s.numVisual, t, v);
+    }
+}
+
+// Stage 3: one block per row.
+__global__ void __launch_bounds__(kJacobiThreads) jacobiKernel(rankkeep::Shape s, void* workspace)
 {
     __shared__ bool rotatedInSweep;
 
@@ -63,16 +132,7 @@ __global__ void rankKernel(T const* attention, int32_t const* raters, int32_t co
     int const lane = threadIdx.x % kWarp;
     int const warp = threadIdx.x / kWarp;
     int const numWarps = blockDim.x / kWarp;
-    int32_t const* rowRaters = raters + b * s.numRaters;
-    int32_t const* rowValid = visualValid + b * s.numVisual;
-    double* data = reinterpret_cast<double*>(static_cast<char*>(workspace) + b * rankkeep::rowScratchBytes(s));
-    rankkeep::Block const k = rankkeep::makeBlock(data, rowRaters, rowValid, s);
-
-    for (int64_t element = threadIdx.x; element < s.numRaters * s.numVisual; element += blockDim.x)
-    {
-        rankkeep::copyElement(attention + b * s.numRaters * s.numVisual, rowRaters, rowValid, k, s.numVisual,
-            element / s.numVisual, element % s.numVisual);
-    }
+    rankkeep::Block const k = rankkeep::makeBlock(rankkeep::rowScratch(workspace, s, b));
 
     int64_t const players = rankkeep::roundRobinPlayers(k.count);
     for (int32_t sweep = 0; sweep < rankkeep::kMaxSweeps && players > 0; ++sweep)
@@ -81,7 +141,7 @@ __global__ void rankKernel(T const* attention, int32_t const* raters, int32_t co
         {
             rotatedInSweep = false;
         }
-        __syncthreads(); // the block is copied and the flag reset before the first step
+        __syncthreads(); // the flag is reset before the first step
         for (int64_t step = 0; step < players - 1; ++step)
         {
             for (int64_t pair = warp; pair < players / 2; pair += numWarps)
@@ -103,11 +163,76 @@ __global__ void rankKernel(T const* attention, int32_t const* raters, int32_t co
             break;
         }
     }
-    __syncthreads();
+}
 
+// Block-wide tree over kThreads shares in shared memory; every thread gets lane 0's result.
+template <typename Step>
+__device__ double reduceShares(double* shares, Step step)
+{
+    __syncthreads();
+    for (int width = kThreads / 2; width > 0; width /= 2)
+    {
+        if (static_cast<int>(threadIdx.x) < width)
+        {
+            step(shares, width, threadIdx.x);
+        }
+        __syncthreads();
+    }
+    double const result = shares[0];
+    __syncthreads(); // read before the shares are reused
+    return result;
+}
+
+struct SumStep
+{
+    __device__ void operator()(double* shares, int64_t width, int64_t lane) const
+    {
+        rankkeep::sumReduceStep(shares, width, lane);
+    }
+};
+struct MaxStep
+{
+    __device__ void operator()(double* shares, int64_t width, int64_t lane) const
+    {
+        rankkeep::maxReduceStep(shares, width, lane);
+    }
+};
+
+// Stage 4: block (vector p, row b) writes singular value p.
+__global__ void normKernel(rankkeep::Shape s, void* workspace)
+{
+    __shared__ double shares[kThreads];
+    int64_t const p = blockIdx.x;
+    int64_t const b = blockIdx.y;
+    rankkeep::RowScratch const r = rankkeep::rowScratch(workspace, s, b);
+    rankkeep::Block const k = rankkeep::makeBlock(r);
+    if (p >= k.count)
+    {
+        return;
+    }
+    shares[threadIdx.x] = rankkeep::squaresShare(k, p, threadIdx.x, blockDim.x);
+    double const sum = reduceShares(shares, SumStep{});
     if (threadIdx.x == 0)
     {
-        rank[b] = rankkeep::countRank(k);
+        r.singular[p] = sqrt(sum);
+    }
+}
+
+// Stage 5: one block per row.
+__global__ void rankKernel(int64_t* rank, int64_t* keep, rankkeep::Shape s, rankkeep::RuleParams params,
+    void* workspace)
+{
+    __shared__ double shares[kThreads];
+    int64_t const b = blockIdx.x;
+    rankkeep::RowScratch const r = rankkeep::rowScratch(workspace, s, b);
+    rankkeep::Block const k = rankkeep::makeBlock(r);
+    shares[threadIdx.x] = rankkeep::largestShare(r, k, threadIdx.x, blockDim.x);
+    double const tolerance = rankkeep::rankTolerance(k, reduceShares(shares, MaxStep{}));
+    shares[threadIdx.x] = rankkeep::aboveShare(r, k, tolerance, threadIdx.x, blockDim.x);
+    double const count = reduceShares(shares, SumStep{});
+    if (threadIdx.x == 0)
+    {
+        rank[b] = static_cast<int64_t>(count);
         keep[b] = rankkeep::keepCount(params, rank[b], k.cols);
     }
 }
@@ -120,8 +245,17 @@ cudaError_t launch(T const* attention, int32_t const* raters, int32_t const* vis
     {
         return cudaSuccess;
     }
-    rankKernel<<<static_cast<unsigned>(s.batch), kThreads, 0, stream>>>(
-        attention, raters, visualValid, rank, keep, s, params, workspace);
+    auto const rows = static_cast<unsigned>(s.batch);
+    scanKernel<<<rows, kThreads, 0, stream>>>(raters, visualValid, s, workspace);
+    if (s.numRaters > 0 && s.numVisual > 0)
+    {
+        int64_t const raterBlocks = s.numRaters < kMaxGridY ? s.numRaters : kMaxGridY;
+        copyKernel<<<dim3(static_cast<unsigned>(blocksFor(s.numVisual)), static_cast<unsigned>(raterBlocks), rows),
+            kThreads, 0, stream>>>(attention, raters, visualValid, s, workspace);
+        jacobiKernel<<<rows, kJacobiThreads, 0, stream>>>(s, workspace);
+        normKernel<<<dim3(static_cast<unsigned>(rankkeep::smallerSide(s)), rows), kThreads, 0, stream>>>(s, workspace);
+    }
+    rankKernel<<<rows, kThreads, 0, stream>>>(rank, keep, s, params, workspace);
     return cudaGetLastError();
 }
 

@@ -7,16 +7,26 @@
 //      score with the non-deleted slots scored -inf (the reference's order: NaN largest, lower
 //      index on ties); the ranks are a permutation, so every candidate slot is written
 //      (r < P <= number of deleted slots: in practice they are the deleted ones)
-//   3. dist[i][j] = sqrt(max(|x_i|^2 + |x_j|^2 - 2 x_i.x_j, 0)) / sqrt(D)
+//   3. the Gram matrix G = X X^T of the P candidate rows (hidden size D), as a tiled matrix
+//      product: each kGramTile x kGramTile tile of G (one thread block) accumulates over D in
+//      slices of kGramSlice dimensions staged as float32 (float16 inputs are widened, never
+//      summed in half precision); only tiles on or above the diagonal are computed and each
+//      writes G[i][j] and G[j][i], |x_i|^2 = G[i][i]. Then, in place,
+//      dist[i][j] = sqrt(max(|x_i|^2 + |x_j|^2 - 2 G[i][j], 0)) / sqrt(D)
 //   4. density[i] = exp(-mean of the c smallest dist[i][.]^2, self included)
 //   5. centreScore[i] = density[i] * (min dist to a strictly denser candidate, else the row's
-//      max dist); centres[rank] = i for the c best centre scores (tie rule)
+//      max dist, a block reduction); centres[rank] = i for the c best centre scores (tie rule)
 //   6. assignment[r] = own cluster for a centre, else the nearest centre (lower index on ties)
 //   7. merged[j][d] = sum of member vectors / (size_j + 1e-6); merged_valid[j] = j < c
+// Each G element is summed over d = 0, 1, ..., D-1 in order (slice after slice, the padding
+// past D or past the pool adds exact zeros), so G is exactly symmetric and the diagonal of dist
+// exactly 0, as the reference makes them; the CPU path runs the same tiles, slices and thread
+// assignment serially, so it proves the tiling.
 // Masks are int32: visual_valid is read as nonzero = valid, merged_valid is written 0 or 1.
 #pragma once
 
 #include "../common/host_device.h"
+#include "../common/launch.h"
 
 #include <math.h>
 
@@ -26,6 +36,18 @@ namespace recycle
 {
 
 constexpr float kMergeEps = 1e-6F; // as the authors' code: sum / (size + 1e-6)
+
+// Stage 3's tiling: one thread block computes a kGramTile x kGramTile tile of the Gram matrix
+// with kThreads threads, kGramRowsPerThread elements each (rows tiRow, tiRow + kGramRowStep,
+// ... of one column tj), staging kGramSlice hidden dimensions of both candidate blocks at a time.
+constexpr int kGramTile = 32;
+constexpr int kGramSlice = 32;
+constexpr int kGramSliceStride = kGramSlice + 1; // one float of padding: no shared-memory bank conflicts
+constexpr int kGramRowStep = kThreads / kGramTile;
+constexpr int kGramRowsPerThread = kGramTile / kGramRowStep;
+constexpr int kGramLoadsPerThread = kGramTile * kGramSlice / kThreads; // slice elements each thread stages
+static_assert(kThreads % kGramTile == 0 && kGramTile % kGramRowStep == 0, "Gram tile and block size do not fit");
+static_assert(kGramTile * kGramSlice % kThreads == 0, "a Gram slice is not a whole number of loads per thread");
 
 // pool(d) = (candidate_percent * d) // 100 + 1 deleted tokens become candidates (0 if d = 0).
 SPARSEVLM_HD inline int64_t poolSize(int64_t deleted, int64_t candidatePercent)
@@ -67,7 +89,9 @@ struct RowScratch
     bool* deleted;          // [V]
     int32_t* counts;        // [3]: deleted, pool, clusters
     int32_t* candidateSlot; // [P]
-    float* dist;            // [P, P]
+    float* dist;            // [P, P]: the Gram matrix, then the distances (stage 3)
+    float* squares;         // [P]: |x_i|^2, the Gram matrix's diagonal
+    float* rowMax;          // [1]: the largest distance between two candidates (stage 5)
     float* density;         // [P]
     float* centreScore;     // [P]
     int32_t* centres;       // [clusterBound]
@@ -78,7 +102,8 @@ SPARSEVLM_HD inline int64_t rowScratchBytes(Shape const& s)
 {
     int64_t const p = s.poolBound();
     return alignWorkspace(s.numVisual) + alignWorkspace(3 * 4) + alignWorkspace(p * 4) + alignWorkspace(p * p * 4)
-        + 2 * alignWorkspace(p * 4) + alignWorkspace(s.clusterBound() * 4) + alignWorkspace(p * 4);
+        + 3 * alignWorkspace(p * 4) + alignWorkspace(4) + alignWorkspace(s.clusterBound() * 4)
+        + alignWorkspace(p * 4);
 }
 
 SPARSEVLM_HD inline int64_t workspaceSize(Shape const& s)
@@ -99,6 +124,10 @@ SPARSEVLM_HD inline RowScratch rowScratch(void* workspace, Shape const& s, int64
     at += alignWorkspace(p * 4);
     r.dist = reinterpret_cast<float*>(at);
     at += alignWorkspace(p * p * 4);
+    r.squares = reinterpret_cast<float*>(at);
+    at += alignWorkspace(p * 4);
+    r.rowMax = reinterpret_cast<float*>(at);
+    at += alignWorkspace(4);
     r.density = reinterpret_cast<float*>(at);
     at += alignWorkspace(p * 4);
     r.centreScore = reinterpret_cast<float*>(at);
@@ -138,26 +167,92 @@ SPARSEVLM_HD inline void writeCandidate(T const* rowScores, RowScratch const& r,
     }
 }
 
-// Stage 3, for candidate pair (i, j). The Gram form (as torch.cdist's) gives exactly 0 on the
-// diagonal and a symmetric matrix, because dot(i, i) == |x_i|^2 term by term.
-template <typename T>
-SPARSEVLM_HD inline float candidateDistance(T const* rowVisual, RowScratch const& r, int64_t dim, int64_t i, int64_t j)
+// Stage 3: tiles of the Gram matrix along each side of the pool bound.
+SPARSEVLM_HD inline int64_t gramTiles(int64_t poolBound)
 {
-    T const* x = rowVisual + static_cast<int64_t>(r.candidateSlot[i]) * dim;
-    T const* y = rowVisual + static_cast<int64_t>(r.candidateSlot[j]) * dim;
-    float squareX = 0.0F;
-    float squareY = 0.0F;
-    float dot = 0.0F;
-    for (int64_t d = 0; d < dim; ++d)
+    return (poolBound + kGramTile - 1) / kGramTile;
+}
+
+// Stage 3a, thread `thread` of the tile: fetch its kGramLoadsPerThread elements of the slice
+// [d0, d0 + kGramSlice) of the kGramTile candidates from `firstCandidate`, as float32 (zeros
+// past the pool or past D: they add exact zeros to the sums), then store them into `slice`
+// [kGramTile][kGramSliceStride]. Two steps, so the kernel can fetch the next slice into
+// registers while it multiplies the staged one. Consecutive threads read consecutive
+// dimensions of one row.
+template <typename T>
+SPARSEVLM_HD inline void fetchGramSlice(T const* rowVisual, RowScratch const& r, int64_t dim, int64_t firstCandidate,
+    int64_t d0, int thread, float values[kGramLoadsPerThread])
+{
+    int64_t const pool = r.counts[1];
+    for (int m = 0; m < kGramLoadsPerThread; ++m)
     {
-        float const a = toFloat(x[d]);
-        float const b = toFloat(y[d]);
-        squareX += a * a;
-        squareY += b * b;
-        dot += a * b;
+        int const e = thread + m * kThreads;
+        int64_t const candidate = firstCandidate + e / kGramSlice;
+        int64_t const d = d0 + e % kGramSlice;
+        values[m] = candidate < pool && d < dim
+            ? toFloat(rowVisual[static_cast<int64_t>(r.candidateSlot[candidate]) * dim + d])
+            : 0.0F;
     }
-    float const dist2 = fmaxf(squareX + squareY - 2.0F * dot, 0.0F);
-    return sqrtf(dist2) / sqrtf(static_cast<float>(dim));
+}
+
+SPARSEVLM_HD inline void storeGramSlice(float const values[kGramLoadsPerThread], int thread, float* slice)
+{
+    for (int m = 0; m < kGramLoadsPerThread; ++m)
+    {
+        int const e = thread + m * kThreads;
+        slice[(e / kGramSlice) * kGramSliceStride + e % kGramSlice] = values[m];
+    }
+}
+
+// Stage 3b, thread `thread` of the tile: adds the staged slice to its kGramRowsPerThread
+// elements (tile rows thread / kGramTile + m * kGramRowStep, tile column thread % kGramTile),
+// dimension by dimension. a * b == b * a, so G[i][j] and G[j][i] get the same sum.
+SPARSEVLM_HD inline void accumulateGramSlice(
+    float const* sliceRows, float const* sliceColumns, int thread, float sums[kGramRowsPerThread])
+{
+    int const firstRow = thread / kGramTile;
+    int const column = thread % kGramTile;
+    for (int k = 0; k < kGramSlice; ++k)
+    {
+        float const y = sliceColumns[column * kGramSliceStride + k];
+        for (int m = 0; m < kGramRowsPerThread; ++m)
+        {
+            sums[m] += sliceRows[(firstRow + m * kGramRowStep) * kGramSliceStride + k] * y;
+        }
+    }
+}
+
+// Stage 3c, thread `thread` of tile (tileRow, tileColumn), tileRow <= tileColumn: writes its
+// finished sums as G[i][j] and G[j][i] (on a diagonal tile only the element with i <= j
+// writes, so each pair is written once) and |x_i|^2 = G[i][i]. Nothing past the pool.
+SPARSEVLM_HD inline void storeGramSums(RowScratch const& r, int64_t poolBound, int64_t tileRow, int64_t tileColumn,
+    int thread, float const sums[kGramRowsPerThread])
+{
+    int64_t const pool = r.counts[1];
+    int64_t const j = tileColumn * kGramTile + thread % kGramTile;
+    for (int m = 0; m < kGramRowsPerThread; ++m)
+    {
+        int64_t const i = tileRow * kGramTile + thread / kGramTile + m * kGramRowStep;
+        if (i >= pool || j >= pool || (tileRow == tileColumn && i > j))
+        {
+            continue;
+        }
+        r.dist[i * poolBound + j] = sums[m];
+        r.dist[j * poolBound + i] = sums[m];
+        if (i == j)
+        {
+            r.squares[i] = sums[m];
+        }
+    }
+}
+
+// Stage 3d, for candidate pair (i, j), after the whole Gram matrix: its entry becomes the
+// distance, in place (torch.cdist's Gram form). The diagonal is exactly 0: |x_i|^2 is G[i][i].
+SPARSEVLM_HD inline void gramToDistance(RowScratch const& r, int64_t poolBound, int64_t dim, int64_t i, int64_t j)
+{
+    float* entry = r.dist + i * poolBound + j;
+    float const dist2 = fmaxf(r.squares[i] + r.squares[j] - 2.0F * *entry, 0.0F);
+    *entry = sqrtf(dist2) / sqrtf(static_cast<float>(dim));
 }
 
 // Stage 4, for candidate i: exp(-mean of the c smallest squared distances, self included).
@@ -191,19 +286,26 @@ SPARSEVLM_HD inline float knnDensity(RowScratch const& r, int64_t poolBound, int
     return expf(-sum / static_cast<float>(clusters));
 }
 
-// Before stage 5 (one thread): the largest distance between two candidates of the row.
-SPARSEVLM_HD inline float maxDistance(RowScratch const& r, int64_t poolBound)
+// Before stage 5, the largest distance between two candidates of the row, as a block
+// reduction: lane `lane` of `lanes` takes the max of its strided share of the P x P entries,
+// then maxReduceStep halves the lanes until lane 0 holds the row's max. Starting from 0
+// (distances are >= 0) and with fmaxf, which skips a NaN, the result does not depend on the
+// order: the same value as one serial loop, whatever the number of lanes.
+SPARSEVLM_HD inline float maxDistanceShare(RowScratch const& r, int64_t poolBound, int64_t lane, int64_t lanes)
 {
     int64_t const pool = r.counts[1];
     float largest = 0.0F;
-    for (int64_t i = 0; i < pool; ++i)
+    for (int64_t e = lane; e < pool * pool; e += lanes)
     {
-        for (int64_t j = 0; j < pool; ++j)
-        {
-            largest = fmaxf(largest, r.dist[i * poolBound + j]);
-        }
+        largest = fmaxf(largest, r.dist[(e / pool) * poolBound + e % pool]);
     }
     return largest;
+}
+
+// One step of the tree: lanes [0, width) absorb lanes [width, 2 width).
+SPARSEVLM_HD inline void maxReduceStep(float* shares, int64_t width, int64_t lane)
+{
+    shares[lane] = fmaxf(shares[lane], shares[lane + width]);
 }
 
 // Stage 5a, for candidate i: density * delta.
@@ -282,6 +384,8 @@ inline void runOnHost(T const* visual, T const* scores, int32_t const* visualVal
 {
     int64_t const poolBound = s.poolBound();
     int64_t const clusterBound = s.clusterBound();
+    float sliceRows[kGramTile * kGramSliceStride];    // the kernel's shared-memory slices
+    float sliceColumns[kGramTile * kGramSliceStride];
     for (int64_t b = 0; b < s.batch; ++b)
     {
         T const* rowVisual = visual + b * s.numVisual * s.dim;
@@ -297,21 +401,62 @@ inline void runOnHost(T const* visual, T const* scores, int32_t const* visualVal
         {
             writeCandidate(rowScores, r, s, i);
         }
+        // Stage 3 as the kernel runs it: every tile on or above the diagonal, each "thread" of
+        // the tile with its own sums, slice after slice.
+        int64_t const tiles = gramTiles(poolBound);
+        for (int64_t tileRow = 0; tileRow < tiles; ++tileRow)
+        {
+            for (int64_t tileColumn = tileRow; tileColumn < tiles && tileColumn * kGramTile < pool; ++tileColumn)
+            {
+                float sums[kThreads][kGramRowsPerThread] = {};
+                for (int64_t d0 = 0; d0 < s.dim; d0 += kGramSlice)
+                {
+                    for (int thread = 0; thread < kThreads; ++thread)
+                    {
+                        float values[kGramLoadsPerThread];
+                        fetchGramSlice(rowVisual, r, s.dim, tileRow * kGramTile, d0, thread, values);
+                        storeGramSlice(values, thread, sliceRows);
+                        fetchGramSlice(rowVisual, r, s.dim, tileColumn * kGramTile, d0, thread, values);
+                        storeGramSlice(values, thread, sliceColumns);
+                    }
+                    for (int thread = 0; thread < kThreads; ++thread)
+                    {
+                        accumulateGramSlice(sliceRows, sliceColumns, thread, sums[thread]);
+                    }
+                }
+                for (int thread = 0; thread < kThreads; ++thread)
+                {
+                    storeGramSums(r, poolBound, tileRow, tileColumn, thread, sums[thread]);
+                }
+            }
+        }
         for (int64_t i = 0; i < pool; ++i)
         {
             for (int64_t j = 0; j < pool; ++j)
             {
-                r.dist[i * poolBound + j] = candidateDistance(rowVisual, r, s.dim, i, j);
+                gramToDistance(r, poolBound, s.dim, i, j);
             }
         }
         for (int64_t i = 0; i < pool; ++i)
         {
             r.density[i] = knnDensity(r, poolBound, i);
         }
-        float const rowMaxDistance = maxDistance(r, poolBound);
+        float shares[kThreads];
+        for (int lane = 0; lane < kThreads; ++lane)
+        {
+            shares[lane] = maxDistanceShare(r, poolBound, lane, kThreads);
+        }
+        for (int width = kThreads / 2; width > 0; width /= 2)
+        {
+            for (int lane = 0; lane < width; ++lane)
+            {
+                maxReduceStep(shares, width, lane);
+            }
+        }
+        r.rowMax[0] = shares[0];
         for (int64_t i = 0; i < pool; ++i)
         {
-            r.centreScore[i] = centreScore(r, poolBound, rowMaxDistance, i);
+            r.centreScore[i] = centreScore(r, poolBound, r.rowMax[0], i);
         }
         for (int64_t i = 0; i < pool; ++i)
         {

@@ -1,6 +1,8 @@
-// CUDA kernels of TokenRecycle: the stages of token_recycle.h, one thread per element. The
-// small per-row stages run in one block per row, separated by __syncthreads(); the two heavy
-// ones (pair distances and the merge over D) get a block per (row, candidate or cluster).
+// CUDA kernels of TokenRecycle: the stages of token_recycle.h. The small per-row stages run in
+// one block per row, separated by __syncthreads(); the two heavy ones get many blocks per row:
+// the candidates' Gram matrix as a tiled matrix product (a block per tile on or above the
+// diagonal, both operand slices staged in shared memory, float32 sums), and the merge over D
+// (a block per (row, cluster)). The row's max distance is a block reduction.
 #include "token_recycle_kernel.h"
 
 #include "../common/launch.h"
@@ -34,42 +36,93 @@ __global__ void candidateKernel(
     }
 }
 
-// Stage 3: block (row b, candidate i) fills dist[i][.].
+// Stage 3: block (tile column, tile row, batch row), kThreads threads, computes one
+// kGramTile x kGramTile tile of the candidates' Gram matrix, tile row <= tile column (the other
+// half is its transpose). The next slice is fetched into registers while the staged one is
+// multiplied (the loads' latency hides behind the arithmetic).
 template <typename T>
-__global__ void distanceKernel(T const* visual, recycle::Shape s, void* workspace)
+__global__ void gramKernel(T const* visual, recycle::Shape s, void* workspace)
 {
-    int64_t const b = blockIdx.x;
-    int64_t const i = blockIdx.y;
+    __shared__ float sliceRows[recycle::kGramTile * recycle::kGramSliceStride];
+    __shared__ float sliceColumns[recycle::kGramTile * recycle::kGramSliceStride];
+    int64_t const tileColumn = blockIdx.x;
+    int64_t const tileRow = blockIdx.y;
+    int64_t const b = blockIdx.z;
     recycle::RowScratch const r = recycle::rowScratch(workspace, s, b);
-    int64_t const pool = r.counts[1];
-    if (i >= pool)
+    if (tileRow > tileColumn || tileColumn * recycle::kGramTile >= r.counts[1])
     {
-        return;
+        return; // the transpose of another tile, or past this row's pool
     }
-    int64_t const poolBound = s.poolBound();
-    for (int64_t j = threadIdx.x; j < pool; j += blockDim.x)
+    T const* rowVisual = visual + b * s.numVisual * s.dim;
+    bool const diagonal = tileRow == tileColumn; // both operands are the same candidates
+    int const thread = threadIdx.x;
+    int64_t const firstRow = tileRow * recycle::kGramTile;
+    int64_t const firstColumn = tileColumn * recycle::kGramTile;
+    float sums[recycle::kGramRowsPerThread] = {};
+    float nextRows[recycle::kGramLoadsPerThread];
+    float nextColumns[recycle::kGramLoadsPerThread];
+    recycle::fetchGramSlice(rowVisual, r, s.dim, firstRow, 0, thread, nextRows);
+    if (!diagonal)
     {
-        r.dist[i * poolBound + j] = recycle::candidateDistance(visual + b * s.numVisual * s.dim, r, s.dim, i, j);
+        recycle::fetchGramSlice(rowVisual, r, s.dim, firstColumn, 0, thread, nextColumns);
     }
+    for (int64_t d0 = 0; d0 < s.dim; d0 += recycle::kGramSlice)
+    {
+        recycle::storeGramSlice(nextRows, thread, sliceRows);
+        if (!diagonal)
+        {
+            recycle::storeGramSlice(nextColumns, thread, sliceColumns);
+        }
+        __syncthreads(); // the slices are staged
+        // The next slice's loads are in flight while this one is multiplied.
+        if (d0 + recycle::kGramSlice < s.dim)
+        {
+            recycle::fetchGramSlice(rowVisual, r, s.dim, firstRow, d0 + recycle::kGramSlice, thread, nextRows);
+            if (!diagonal)
+            {
+                recycle::fetchGramSlice(
+                    rowVisual, r, s.dim, firstColumn, d0 + recycle::kGramSlice, thread, nextColumns);
+            }
+        }
+        recycle::accumulateGramSlice(sliceRows, diagonal ? sliceRows : sliceColumns, thread, sums);
+        __syncthreads(); // everyone is done with the slices before the next ones are stored
+    }
+    recycle::storeGramSums(r, s.poolBound(), tileRow, tileColumn, thread, sums);
 }
 
-// Stages 4-6: density, centre scores, centres, assignment. One block per row.
+// Stages 3d-6: distances from the Gram matrix, density, the row's max distance, centre scores,
+// centres, assignment. One block per row.
 __global__ void clusterKernel(recycle::Shape s, void* workspace)
 {
-    __shared__ float rowMaxDistance;
+    __shared__ float maxShares[kThreads];
     int64_t const b = blockIdx.x;
     recycle::RowScratch const r = recycle::rowScratch(workspace, s, b);
     int64_t const pool = r.counts[1];
     int64_t const poolBound = s.poolBound();
+    for (int64_t e = threadIdx.x; e < pool * pool; e += blockDim.x)
+    {
+        recycle::gramToDistance(r, poolBound, s.dim, e / pool, e % pool);
+    }
+    __syncthreads(); // every distance is written
     for (int64_t i = threadIdx.x; i < pool; i += blockDim.x)
     {
         r.density[i] = recycle::knnDensity(r, poolBound, i);
     }
+    maxShares[threadIdx.x] = recycle::maxDistanceShare(r, poolBound, threadIdx.x, blockDim.x);
+    __syncthreads();
+    for (int width = kThreads / 2; width > 0; width /= 2)
+    {
+        if (threadIdx.x < width)
+        {
+            recycle::maxReduceStep(maxShares, width, threadIdx.x);
+        }
+        __syncthreads();
+    }
+    float const rowMaxDistance = maxShares[0];
     if (threadIdx.x == 0)
     {
-        rowMaxDistance = recycle::maxDistance(r, poolBound);
+        r.rowMax[0] = rowMaxDistance;
     }
-    __syncthreads();
     for (int64_t i = threadIdx.x; i < pool; i += blockDim.x)
     {
         r.centreScore[i] = recycle::centreScore(r, poolBound, rowMaxDistance, i);
@@ -117,8 +170,8 @@ cudaError_t launch(T const* visual, T const* scores, int32_t const* visualValid,
     // merged_valid 0 (the per-slot loops are empty).
     dim3 const rows(static_cast<unsigned>(s.batch));
     candidateKernel<<<rows, kThreads, 0, stream>>>(scores, visualValid, keepCount, s, workspace);
-    distanceKernel<<<dim3(static_cast<unsigned>(s.batch), static_cast<unsigned>(s.poolBound())), kThreads, 0,
-        stream>>>(visual, s, workspace);
+    auto const tiles = static_cast<unsigned>(recycle::gramTiles(s.poolBound()));
+    gramKernel<<<dim3(tiles, tiles, static_cast<unsigned>(s.batch)), kThreads, 0, stream>>>(visual, s, workspace);
     clusterKernel<<<rows, kThreads, 0, stream>>>(s, workspace);
     mergeKernel<<<dim3(static_cast<unsigned>(s.batch), static_cast<unsigned>(s.clusterBound())), kThreads, 0,
         stream>>>(visual, merged, mergedValid, s, workspace);

@@ -1,4 +1,7 @@
-// Launch geometry shared by the element-wise kernels: one thread per element.
+// Launch geometry shared by the kernels: kThreads threads per block (RankKeepCount's Jacobi
+// sweeps use a larger block of their own), one per element of an element-wise stage, or one
+// lane of a tile, scan chunk or reduction tree. The CPU path includes it too, to run those
+// lanes in the same order.
 #pragma once
 
 #include <cstdint>

@@ -20,6 +20,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -224,14 +225,20 @@ void checkPrune(char const* typeName)
     }
 }
 
+// `deleted[b]` tokens of row b are deleted (keep_count = its valid count - deleted[b]; -1: all
+// kept, whatever the count).
 template <typename T>
-void checkRecycle(char const* typeName)
+void checkRecycle(char const* typeName, recycle::Shape const& s, std::vector<int64_t> const& deleted)
 {
-    recycle::Shape const s{4, 576, 64, 30, 10};
     std::vector<T> const visual = randomValues<T>(s.batch * s.numVisual * s.dim);
     std::vector<T> const scores = randomValues<T>(s.batch * s.numVisual);
     std::vector<int32_t> const valid = asBytes(randomMask(s.batch * s.numVisual, 0.95));
-    std::vector<int64_t> const keep{0, 192, 500, 576}; // all deleted ... none deleted
+    std::vector<int64_t> keep(s.batch);
+    for (int64_t b = 0; b < s.batch; ++b)
+    {
+        int64_t const validCount = countSetBefore(valid.data() + b * s.numVisual, s.numVisual);
+        keep[b] = deleted[b] < 0 ? s.numVisual : std::max<int64_t>(validCount - deleted[b], 0);
+    }
     int64_t const clusters = s.clusterBound();
     std::vector<T> wantMerged(s.batch * clusters * s.dim);
     std::vector<int32_t> wantValid(s.batch * clusters);
@@ -247,7 +254,8 @@ void checkRecycle(char const* typeName)
         dValid.data, dKeep.data, dMerged.data, dMergedValid.data,
         s, workspace.data, nullptr);
     status = status == cudaSuccess ? cudaDeviceSynchronize() : status;
-    std::string const label = std::string("TokenRecycle ") + typeName;
+    std::string const label = std::string("TokenRecycle ") + typeName + " V=" + std::to_string(s.numVisual)
+        + " D=" + std::to_string(s.dim) + " candidates " + std::to_string(s.candidatePercent) + "%";
     check(status == cudaSuccess, label + ": launch (" + cudaGetErrorString(status) + ")");
     check(dMergedValid.toHost() == wantValid, label + ": merged_valid");
     // The device may contract a * b + c into one FMA where the host rounds twice: close, not
@@ -257,9 +265,8 @@ void checkRecycle(char const* typeName)
 }
 
 template <typename T>
-void checkRank(char const* typeName)
+void checkRank(char const* typeName, rankkeep::Shape const& s)
 {
-    rankkeep::Shape const s{4, 40, 576};
     std::vector<T> attention = randomValues<T>(s.batch * s.numRaters * s.numVisual);
     // Row 1: rank 5 (rows repeat every 5); row 2: rank 1 (one row repeated).
     for (int64_t t = 5; t < s.numRaters; ++t)
@@ -286,7 +293,8 @@ void checkRank(char const* typeName)
     cudaError_t status = launchRankKeepCount(typeOf<T>(), dAttention.data, dRaters.data,
         dVisualValid.data, dRank.data, dKeep.data, s, params, workspace.data, nullptr);
     status = status == cudaSuccess ? cudaDeviceSynchronize() : status;
-    std::string const label = std::string("RankKeepCount ") + typeName;
+    std::string const label = std::string("RankKeepCount ") + typeName + " T=" + std::to_string(s.numRaters)
+        + " V=" + std::to_string(s.numVisual);
     check(status == cudaSuccess, label + ": launch (" + cudaGetErrorString(status) + ")");
     check(dRank.toHost() == wantRank, label + ": rank");
     check(dKeep.toHost() == wantKeep, label + ": keep_count");
@@ -387,9 +395,21 @@ int main(int argc, char** argv)
     checkTopK<__half>("float16");
     checkPrune<float>("float32");
     checkPrune<__half>("float16");
-    checkRecycle<float>("float32");
-    checkRecycle<__half>("float16");
-    checkRank<float>("float32");
-    checkRank<__half>("float16");
+    // Pools of all the deleted tokens down to none, at the default candidate share; then (99 %:
+    // pool = deleted) pools of 1, tile - 1, tile + 1 and 2 tiles + 1 candidates with a hidden
+    // size off the slice: the edges of the Gram tiling.
+    int64_t const tile = recycle::kGramTile;
+    recycle::Shape const defaultPool{4, 576, 64, 30, 10};
+    recycle::Shape const tileEdges{4, 2 * tile + 8, 2 * recycle::kGramSlice + 5, 99, 3};
+    checkRecycle<float>("float32", defaultPool, {576, 370, 60, -1});
+    checkRecycle<__half>("float16", defaultPool, {576, 370, 60, -1});
+    checkRecycle<float>("float32", tileEdges, {1, tile - 1, tile + 1, 2 * tile + 1});
+    checkRecycle<__half>("float16", tileEdges, {1, tile - 1, tile + 1, 2 * tile + 1});
+    // Masks over several scan chunks: 576 visual tokens; then more raters than a chunk and
+    // than valid tokens (the block is stored transposed).
+    checkRank<float>("float32", rankkeep::Shape{4, 40, 576});
+    checkRank<__half>("float16", rankkeep::Shape{4, 40, 576});
+    checkRank<float>("float32", rankkeep::Shape{4, kThreads + 40, 24});
+    checkRank<__half>("float16", rankkeep::Shape{4, kThreads + 40, 24});
     return sparsevlm_tests::report("gpu_check");
 }

@@ -61,6 +61,77 @@ int64_t sparsevlm_token_recycle(float const* visual, float const* scores, int32_
     return shape.clusterBound();
 }
 
+// The tiling the kernels share with the CPU path, so tests can aim at its edges:
+// [0] TokenRecycle's Gram tile (candidates per side), [1] its hidden-dimension slice,
+// [2] the threads of a block (RankKeepCount's scan chunk, the reduction lanes).
+void sparsevlm_tiling(int64_t* sizes)
+{
+    sizes[0] = recycle::kGramTile;
+    sizes[1] = recycle::kGramSlice;
+    sizes[2] = kThreads;
+}
+
+// TokenRecycle's stage 3 result: after the full CPU path, the rows' candidate distance
+// matrices [B, P, P] (P = the pool bound; entries past a row's pool are left as they were),
+// each row's pool size and its max distance (stage 5's reduction). The workspace holds them.
+void sparsevlm_token_recycle_distances(float const* visual, float const* scores, int32_t const* visualValid,
+    int64_t const* keepCount, float* distances, int64_t* pool, float* rowMax, int64_t batch, int64_t numVisual,
+    int64_t dim,
+    int64_t candidatePercent, int64_t clusterDivisor)
+{
+    recycle::Shape const shape{batch, numVisual, dim, candidatePercent, clusterDivisor};
+    int64_t const bound = shape.poolBound();
+    int64_t const clusters = shape.clusterBound();
+    std::vector<float> merged(static_cast<size_t>(batch * clusters * dim));
+    std::vector<int32_t> mergedValid(static_cast<size_t>(batch * clusters));
+    std::vector<double> workspace = workspaceOf(recycle::workspaceSize(shape));
+    recycle::runOnHost(visual, scores, visualValid, keepCount, merged.data(), mergedValid.data(), shape,
+        workspace.data());
+    for (int64_t b = 0; b < batch; ++b)
+    {
+        recycle::RowScratch const r = recycle::rowScratch(workspace.data(), shape, b);
+        pool[b] = r.counts[1];
+        rowMax[b] = r.rowMax[0];
+        for (int64_t i = 0; i < pool[b]; ++i)
+        {
+            for (int64_t j = 0; j < pool[b]; ++j)
+            {
+                distances[(b * bound + i) * bound + j] = r.dist[i * bound + j];
+            }
+        }
+    }
+}
+
+// RankKeepCount's stage 1: the exclusive prefix sum of an int32 mask (nonzero = set) as the
+// kernel's block scan computes it; returns the number of set flags.
+int32_t sparsevlm_mask_positions(int32_t const* mask, int64_t n, int32_t* position)
+{
+    return rankkeep::scanOnHost(mask, n, position);
+}
+
+// RankKeepCount's stage 4: after the full CPU path, each row's singular values [B, min(T, V)]
+// in the Jacobi vectors' order (entries past min(m, n) left as they were).
+void sparsevlm_rank_singular_values(float const* attention, int32_t const* raters, int32_t const* visualValid,
+    double* singular, int64_t batch, int64_t numRaters, int64_t numVisual)
+{
+    rankkeep::Shape const shape{batch, numRaters, numVisual};
+    rankkeep::RuleParams const params{rankkeep::Rule::kPAPER, 1.0, 0.0, 0.0};
+    std::vector<int64_t> rank(static_cast<size_t>(batch));
+    std::vector<int64_t> keep(static_cast<size_t>(batch));
+    std::vector<double> workspace = workspaceOf(rankkeep::workspaceSize(shape));
+    rankkeep::runOnHost(attention, raters, visualValid, rank.data(), keep.data(), shape, params, workspace.data());
+    int64_t const width = rankkeep::smallerSide(shape);
+    for (int64_t b = 0; b < batch; ++b)
+    {
+        rankkeep::RowScratch const r = rankkeep::rowScratch(workspace.data(), shape, b);
+        rankkeep::Block const k = rankkeep::makeBlock(r);
+        for (int64_t p = 0; p < k.count; ++p)
+        {
+            singular[b * width + p] = r.singular[p];
+        }
+    }
+}
+
 // rule: 0 = "v1.0", 1 = "paper".
 void sparsevlm_rank_keep_count(float const* attention, int32_t const* raters, int32_t const* visualValid,
     int64_t* rank, int64_t* keep, int64_t batch, int64_t numRaters, int64_t numVisual, int32_t rule, double scale,

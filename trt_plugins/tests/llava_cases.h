@@ -110,6 +110,7 @@ struct Case
     std::vector<Tensor> outputs;       // the CPU path's results
     int64_t workspaceBytes = 0;
     double bytesMoved = 0.0;           // see bytesFormula()
+    double flops = 0.0;                // see flopsFormula(); < 0: not known (the CPU path did not run)
     double hostMilliseconds = -1.0;    // the CPU path, serial (-1: not run)
     // Launch parameters (the ones the op uses).
     int64_t k = 0;
@@ -134,6 +135,25 @@ inline char const* bytesFormula(Op op)
         return "B*V*(s+4) (scores, visual_valid) + 8*B (keep_count) + P*D*s (P = candidate rows, all batch rows) "
                "+ B*C*(D*s+4) (merged, merged_valid)";
     case Op::kRank: return "B*T*V*s (rater_attention) + 4*B*(T+V) (masks) + 16*B (rank, keep_count)";
+    }
+    return "";
+}
+
+// Floating-point operations of each op (the arithmetic the result needs, not what a kernel
+// happens to repeat): none for the gathers; TokenRecycle's Gram product and merge; the Jacobi
+// SVD as the CPU path ran it (its sweeps depend on the data).
+inline char const* flopsFormula(Op op)
+{
+    switch (op)
+    {
+    case Op::kTopK: return "none (a selection and a gather)";
+    case Op::kPrune: return "none (a selection and a gather)";
+    case Op::kRecycle:
+        return "sum over rows of 2*P*P*D (the Gram product X X^T of the row's P candidates; the kernel "
+               "computes its tiles on and above the diagonal, about half) + P*D (the merge's sums)";
+    case Op::kRank:
+        return "per Jacobi pair visited 6*L, per pair rotated 6*L more, plus 2*c*L for the norms "
+               "(c = min(m, n), L = max(m, n); pairs as the CPU path's sweeps visited them)";
     }
     return "";
 }
@@ -220,9 +240,13 @@ void runHost(Case& c)
             out[1].as<int32_t>(), c.recycleShape, workspace.data());
         break;
     case Op::kRank:
+    {
+        rankkeep::JacobiWork work;
         rankkeep::runOnHost(in[0].as<T>(), in[1].as<int32_t>(), in[2].as<int32_t>(), out[0].as<int64_t>(),
-            out[1].as<int64_t>(), c.rankShape, c.rankParams, workspace.data());
+            out[1].as<int64_t>(), c.rankShape, c.rankParams, workspace.data(), &work);
+        c.flops = work.flops;
         break;
+    }
     }
     c.hostMilliseconds = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
 }
@@ -458,6 +482,7 @@ Case makeCase(Op op, int64_t batch, bool withCpuPath)
         c.outputs = {makeTensor("rank", {batch}, Kind::kI64), makeTensor("keep_count", {batch}, Kind::kI64)};
         c.workspaceBytes = rankkeep::workspaceSize(c.rankShape);
         c.bytesMoved = batch * kRaters * V * s + 4.0 * batch * (kRaters + V) + 16.0 * batch;
+        c.flops = -1.0; // the CPU path counts them
         break;
     }
     }
@@ -479,7 +504,9 @@ Case makeCase(Op op, int64_t batch, bool withCpuPath)
         for (int64_t b = 0; b < batch; ++b)
         {
             int64_t const valid = countSet(c.inputs[2].as<int32_t>() + b * V, V);
-            candidates += recycle::poolSize(valid - std::min(valid, c.inputs[3].as<int64_t>()[b]), 30);
+            int64_t const pool = recycle::poolSize(valid - std::min(valid, c.inputs[3].as<int64_t>()[b]), 30);
+            candidates += pool;
+            c.flops += 2.0 * pool * pool * D + static_cast<double>(pool) * D;
         }
         c.bytesMoved = batch * V * (s + 4) + 8.0 * batch + candidates * D * s
             + batch * c.recycleShape.clusterBound() * (D * s + 4);
@@ -678,37 +705,61 @@ inline void printTableHeader(char const* program, char const* path, char const* 
     std::printf("\n%s: %s at LLaVA-1.5-7B shapes%s\n", program, path, mode);
     std::printf("times: CUDA events, median of %d runs after %d warm-up runs; GB/s = bytes moved / time\n", runs,
         warmup);
+    char const* const names[] = {"TopKTokenSelect", "TokenPrune", "TokenRecycle", "RankKeepCount"};
     std::printf("bytes moved (s = sizeof(T)):\n");
     for (Op op : {Op::kTopK, Op::kPrune, Op::kRecycle, Op::kRank})
     {
-        char const* const names[] = {"TopKTokenSelect", "TokenPrune", "TokenRecycle", "RankKeepCount"};
         std::printf("  %-16s %s\n", names[static_cast<int>(op)], bytesFormula(op));
     }
-    std::printf("%-8s %-16s %-8s %2s  %-28s %10s %10s %16s %16s\n", "path", "op", "type", "B", "shape", "MB moved",
-        "CPU ms", "GPU ms", "GB/s");
+    std::printf("FLOPs (GFLOP/s = FLOPs / time):\n");
+    for (Op op : {Op::kTopK, Op::kPrune, Op::kRecycle, Op::kRank})
+    {
+        std::printf("  %-16s %s\n", names[static_cast<int>(op)], flopsFormula(op));
+    }
+    std::printf("%-8s %-16s %-8s %2s  %-28s %10s %10s %10s %16s %16s %16s\n", "path", "op", "type", "B", "shape",
+        "MB moved", "GFLOP", "CPU ms", "GPU ms", "GB/s", "GFLOP/s");
 }
 
 inline void printRow(char const* path, Case const& c, Timing const& timing, bool dryRun)
 {
     char gpu[32];
     char rate[32];
+    char flopRate[32];
     char cpu[32] = "n/a";
+    char gflop[32] = "-"; // no arithmetic
     if (c.hostMilliseconds >= 0.0)
     {
         std::snprintf(cpu, sizeof cpu, "%.1f", c.hostMilliseconds);
+    }
+    if (c.flops > 0.0)
+    {
+        std::snprintf(gflop, sizeof gflop, "%.4f", c.flops / 1e9);
+    }
+    else if (c.flops < 0.0)
+    {
+        std::snprintf(gflop, sizeof gflop, "n/a"); // counted by the CPU path, which did not run
     }
     if (timing.measured)
     {
         std::snprintf(gpu, sizeof gpu, "%.4f", timing.medianMilliseconds);
         std::snprintf(rate, sizeof rate, "%.1f", c.bytesMoved / (timing.medianMilliseconds * 1e-3) / 1e9);
+        if (c.flops > 0.0)
+        {
+            std::snprintf(flopRate, sizeof flopRate, "%.1f", c.flops / (timing.medianMilliseconds * 1e-3) / 1e9);
+        }
+        else
+        {
+            std::snprintf(flopRate, sizeof flopRate, "%s", gflop);
+        }
     }
     else
     {
         std::snprintf(gpu, sizeof gpu, "%s", dryRun ? "n/a (dry run)" : "failed");
         std::snprintf(rate, sizeof rate, "%s", dryRun ? "n/a (dry run)" : "failed");
+        std::snprintf(flopRate, sizeof flopRate, "%s", dryRun ? "n/a (dry run)" : "failed");
     }
-    std::printf("%-8s %-16s %-8s %2lld  %-28s %10.2f %10s %16s %16s\n", path, c.opName, c.typeName,
-        static_cast<long long>(c.batch), c.shapeText.c_str(), c.bytesMoved / 1e6, cpu, gpu, rate);
+    std::printf("%-8s %-16s %-8s %2lld  %-28s %10.2f %10s %10s %16s %16s %16s\n", path, c.opName, c.typeName,
+        static_cast<long long>(c.batch), c.shapeText.c_str(), c.bytesMoved / 1e6, gflop, cpu, gpu, rate, flopRate);
     std::fflush(stdout);
 }
 
