@@ -21,6 +21,8 @@ from .modeling import check_architecture
 ALIASES = {
     "llava-1.5-7b": "llava-hf/llava-1.5-7b-hf",
     "llava-1.5-13b": "llava-hf/llava-1.5-13b-hf",
+    "qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct",
+    "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct",
 }
 DEMO_ALIASES = ("demo", "sparsevlm-demo")
 # The published llava-hf configs (config.json of each repository; Llama fields not listed
@@ -40,6 +42,28 @@ KNOWN_CONFIGS = {
         "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40, "num_attention_heads": 40,
         "num_key_value_heads": 40}},
 }
+# The published Qwen2.5-VL-Instruct configs (config.json of each repository, flat as shipped;
+# Qwen2_5_VLConfig moves the text fields into its text_config).
+_QWEN2_5_VL = {"model_type": "qwen2_5_vl", "bos_token_id": 151643, "eos_token_id": 151645,
+               "vision_start_token_id": 151652, "vision_end_token_id": 151653, "vision_token_id": 151654,
+               "image_token_id": 151655, "video_token_id": 151656, "hidden_act": "silu", "attention_dropout": 0.0,
+               "max_position_embeddings": 128000, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+               "sliding_window": 32768, "use_sliding_window": False,
+               "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}}
+_QWEN2_5_VL_VISION = {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
+                      "num_heads": 16, "in_chans": 3, "patch_size": 14, "spatial_merge_size": 2,
+                      "spatial_patch_size": 14, "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31],
+                      "tokens_per_second": 2, "temporal_patch_size": 2}
+KNOWN_CONFIGS.update({
+    "Qwen/Qwen2.5-VL-3B-Instruct": {
+        **_QWEN2_5_VL, "hidden_size": 2048, "intermediate_size": 11008, "max_window_layers": 70,
+        "num_attention_heads": 16, "num_hidden_layers": 36, "num_key_value_heads": 2, "tie_word_embeddings": True,
+        "vocab_size": 151936, "vision_config": {**_QWEN2_5_VL_VISION, "out_hidden_size": 2048}},
+    "Qwen/Qwen2.5-VL-7B-Instruct": {
+        **_QWEN2_5_VL, "hidden_size": 3584, "intermediate_size": 18944, "max_window_layers": 28,
+        "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4, "tie_word_embeddings": False,
+        "vocab_size": 152064, "vision_config": {**_QWEN2_5_VL_VISION, "out_hidden_size": 3584}},
+})
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -135,10 +159,11 @@ def download_hint(repo_id: str) -> str:
 
 
 def load_config(name: str, random_weights: bool = False):
-    from transformers import AutoConfig, LlavaConfig
+    from transformers import AutoConfig
     location, local = resolve_model(name)
     if random_weights and not local and location in KNOWN_CONFIGS:
-        return LlavaConfig(**KNOWN_CONFIGS[location]), location
+        known = dict(KNOWN_CONFIGS[location])
+        return AutoConfig.for_model(known.pop("model_type"), **known), location
     if local:
         _check_config_json(Path(location) / "config.json")
     try:
