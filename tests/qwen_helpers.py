@@ -101,3 +101,97 @@ def blocks_greedy(model, input_ids: list[int], pixel_values, grid_thw, steps: in
             caches[index] = (torch.cat([caches[index][0], key], 2), torch.cat([caches[index][1], value], 2))
         logits = modeling.last_logits(model, hidden, torch.tensor([0]))
     return first_logits, tokens
+
+
+# --------------------------------------------------------------------------------------
+# Brute force: the methods on one prompt, layer by layer over the whole sequence
+# --------------------------------------------------------------------------------------
+
+def _bf_attention_rows(layer, hidden, cos, sin, rows: list[int]) -> torch.Tensor:
+    """Head-mean softmax attention [len(rows), S] of the given query rows, causal, computed
+    plainly (every query head; keys repeated per group)."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    seq = x.shape[1]
+    q = attn.q_proj(x).view(1, seq, -1, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(1, seq, -1, attn.head_dim).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    k = k.repeat_interleave(attn.num_key_value_groups, dim=1)
+    logits = (q[0] @ k[0].transpose(1, 2)).double() * attn.scaling  # [H, S, S]
+    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+    probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1).mean(dim=0)
+    return probs[rows]
+
+
+@torch.inference_mode()
+def bf_forward(model, input_ids: list[int], pixel_values, grid_thw, method: dict, generated: list[int] = ()):
+    """Logits [vocab] at the last position of prompt + `generated`, recomputing everything
+    (no cache), and the decisions [(layer, kept visual ids, merged count)].
+
+    method: {"name": "none"} | {"name": "sparsevlm", "layers": (...), "keep": fn(position,
+    visual_count, image_tokens, rank) -> keep, "recycle": bool, "rank": bool} |
+    {"name": "fastv", "layers": (K-1,), "keep": fn(...)}.
+    Positions follow docs/qwen2_5_vl.md: kept tokens keep theirs, a merged token takes its
+    cluster centre's, text and generated tokens keep theirs."""
+    from sparsevlm.methods import modeling, token_ops
+    from sparsevlm.methods import qwen2_5_vl as qwen
+
+    image_token = model.config.image_token_id
+    layout = qwen.vision_layout(grid_thw, model.config.vision_config)
+    visual = torch.cat(model.model.get_image_features(pixel_values, grid_thw).pooler_output)  # transformers' own
+    lm = modeling.language_model(model)
+    ids = list(input_ids) + list(generated)
+    hidden = lm.embed_tokens(torch.tensor([ids]))
+    image = [i for i, t in enumerate(input_ids) if t == image_token]
+    hidden[0, image] = visual.to(hidden.dtype)
+    positions, next_position = qwen.prompt_positions(input_ids, image_token, layout.llm_grids)
+    positions = torch.cat([positions, torch.arange(next_position, next_position + len(generated))[None].expand(3, -1)],
+                          dim=1)
+    start, count = image[0], len(image)
+    text_rows = list(range(start + count, len(input_ids)))  # the prompt's text after the image
+    visual_ids = list(range(count))
+    if method["name"] == "sparsevlm":  # raters from the layer-0 inputs: r = mean_v softmax_t(H_v H_t^T)
+        relevance = torch.softmax(hidden[0, start:start + count].double() @ hidden[0, text_rows].double().T, dim=1)
+        relevance = relevance.mean(dim=0)
+        raters = [r for r, value in zip(text_rows, relevance) if value > relevance.mean()] or text_rows
+    decisions, next_id = [], count
+    for index, layer in enumerate(lm.layers):
+        cos, sin = modeling.rotary(model, hidden, positions[:, None])
+        seq = hidden.shape[1]
+        mask = torch.ones(seq, seq, dtype=torch.bool).tril()[None, None]
+        pruning = method["name"] != "none" and index in method["layers"]
+        if pruning:
+            rows = raters if method["name"] == "sparsevlm" else [text_rows[-1]]
+            probs = _bf_attention_rows(layer, hidden, cos, sin, rows)
+        hidden, _, _ = modeling.decoder_layer(layer, hidden, cos, sin, mask)
+        if not pruning:
+            continue
+        columns = list(range(start, start + count))
+        scores = probs[:, columns].mean(dim=0)
+        rank = int(torch.linalg.matrix_rank(probs[:, columns].float())) if method.get("rank") else None
+        keep = method["keep"](method["layers"].index(index), count, len(image), rank)
+        order = sorted(range(count), key=lambda j: (-float(scores[j]), j))
+        kept = sorted(order[:keep])
+        region = hidden[:, start:start + count]
+        merged = region[:, :0]
+        merged_positions = positions[:, :0]
+        if method.get("recycle") and keep < count:
+            args = (region, scores[None].to(region.dtype), torch.ones(1, count, dtype=torch.bool), torch.tensor([keep]))
+            merged, merged_valid = token_ops.token_recycle(*args)
+            centres = token_ops.recycle_centre_slots(*args)[0][merged_valid[0]]
+            merged = merged[:, merged_valid[0]]
+            merged_positions = positions[:, start + centres]
+        decisions.append((index, [visual_ids[j] for j in kept], merged.shape[1]))
+        visual_ids = [visual_ids[j] for j in kept] + list(range(next_id, next_id + merged.shape[1]))
+        next_id += merged.shape[1]
+        keep_columns = [start + j for j in kept]
+        hidden = torch.cat([hidden[:, :start], hidden[:, keep_columns], merged, hidden[:, start + count:]], dim=1)
+        positions = torch.cat([positions[:, :start], positions[:, keep_columns], merged_positions,
+                               positions[:, start + count:]], dim=1)
+        shift = len(kept) + merged.shape[1] - count
+        text_rows = [r + shift for r in text_rows]
+        if method["name"] == "sparsevlm":
+            raters = [r + shift for r in raters]
+        count = len(kept) + merged.shape[1]
+    return modeling.last_logits(model, hidden, torch.tensor([hidden.shape[1] - 1]))[0], decisions

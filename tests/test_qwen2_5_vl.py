@@ -247,3 +247,19 @@ def test_aliases_build_the_published_architecture(alias, layers, hidden, kv_head
     params = sum(p.numel() for p in model.parameters())
     # The published sizes: 3.75B (tied embeddings) and 8.29B parameters.
     assert abs(params / 1e9 - (3.75 if tied else 8.29)) < 0.02
+
+
+@torch.inference_mode()
+def test_brute_force_reference_is_transformers_for_method_none(qwen_model, qwen_processor):
+    """The brute-force reference the pruning tests compare against, without pruning, is
+    transformers' model: last logits, and every greedy token recomputed from scratch."""
+    from qwen_helpers import bf_forward
+    encoded = _encode(qwen_processor, [make_image(170, 80, 2)], ["Is there a red circle?"])
+    ids = encoded["input_ids"][0].tolist()
+    generated = qwen_model.generate(**encoded, max_new_tokens=4, do_sample=False)[0, len(ids):].tolist()
+    for step in range(4):
+        logits, decisions = bf_forward(qwen_model, ids, encoded["pixel_values"], encoded["image_grid_thw"],
+                                       {"name": "none"}, generated[:step])
+        assert int(logits.argmax()) == generated[step] and decisions == []
+        if step == 0:
+            torch.testing.assert_close(logits, qwen_model(**encoded).logits[0, -1], atol=1e-4, rtol=0)
