@@ -157,11 +157,11 @@ def vision_block(block, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     return hidden + block.mlp(block.norm2(hidden))
 
 
-def encode_images(model, patches: torch.Tensor, window_order: torch.Tensor, patch_positions: torch.Tensor,
-                  window_ids: torch.Tensor, image_ids: torch.Tensor, merged_order: torch.Tensor) -> torch.Tensor:
-    """Merged visual features [M, D_text] in raster order, image after image, as
-    Qwen2_5_VLModel.get_image_features computes them. `patches` [N, C*T*P*P] is the image
-    processor's `pixel_values`; the other inputs are a `VisionLayout`'s tensors."""
+def merged_features(model, patches: torch.Tensor, window_order: torch.Tensor, patch_positions: torch.Tensor,
+                    window_ids: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
+    """The vision tower over every image of the call: merged features [M, D_text] in window
+    order (`VisionLayout.merged_order` puts them back in raster order). `patches`
+    [N, C*T*P*P] is the image processor's `pixel_values`; the rest a `VisionLayout`'s."""
     tower = vision_tower(model)
     hidden = tower.patch_embed(patches)  # per patch, so it commutes with the window permutation
     hidden = hidden[window_order]
@@ -171,7 +171,65 @@ def encode_images(model, patches: torch.Tensor, window_order: torch.Tensor, patc
     full = set(tower.fullatt_block_indexes)
     for index, block in enumerate(tower.blocks):
         hidden = vision_block(block, hidden, cos, sin, image_mask if index in full else window_mask)
-    return tower.merger(hidden)[merged_order]
+    return tower.merger(hidden)
+
+
+def encode_images(model, patches: torch.Tensor, window_order: torch.Tensor, patch_positions: torch.Tensor,
+                  window_ids: torch.Tensor, image_ids: torch.Tensor, merged_order: torch.Tensor) -> torch.Tensor:
+    """Merged visual features [M, D_text] in raster order, image after image, as
+    Qwen2_5_VLModel.get_image_features computes them."""
+    return merged_features(model, patches, window_order, patch_positions, window_ids, image_ids)[merged_order]
+
+
+def encode_rows(model, x: dict) -> torch.Tensor:
+    """The vision graph: `features` [B, V, D_text], row b its image's visual tokens in raster
+    order and zeros past its count, from the inputs `vision_inputs` prepares."""
+    features = merged_features(model, x["patches"], x["window_order"], x["patch_positions"], x["window_ids"],
+                               x["image_ids"])
+    valid = x["image_valid"]
+    return features[x["image_index"]] * valid[:, :, None].to(features.dtype)
+
+
+VISION_INPUT_NAMES = ("patches", "window_order", "patch_positions", "window_ids", "image_ids", "image_index",
+                      "image_valid")
+
+
+def vision_inputs(pixel_values: torch.Tensor, image_grid_thw, vision_config) -> tuple[dict, VisionLayout]:
+    """The vision graph's inputs for one image per batch row (`VISION_INPUT_NAMES`: the
+    processor's patches with the layout of their grids, and per row the gather index
+    `image_index` [B, V] into the merged features with its validity `image_valid`, V the
+    largest visual count of the batch), and the layout (visual counts, merged grids)."""
+    from .generation import InputError
+
+    grids = torch.as_tensor(image_grid_thw)
+    if grids.dim() != 2 or grids.shape[1] != 3 or grids.shape[0] < 1:
+        raise InputError(f"image_grid_thw: expected [images, 3] (t, h, w per image), got {tuple(grids.shape)}")
+    if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 2:
+        got = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+        raise InputError(f"pixel_values: expected the processor's flattened patches [patches, features], got {got}")
+    merge, patch = vision_config.spatial_merge_size, vision_config.patch_size
+    per_patch = vision_config.in_channels * vision_config.temporal_patch_size * patch * patch
+    patches = int(grids.prod(dim=1).sum())
+    bad = [tuple(g) for g in grids.tolist() if g[0] != 1 or g[1] % merge or g[2] % merge or min(g) < 1]
+    if bad:
+        raise InputError(f"image_grid_thw: grid {bad[0]} is not an image grid (t = 1, h and w multiples of {merge})")
+    if tuple(pixel_values.shape) != (patches, per_patch):
+        raise InputError(f"pixel_values: expected shape {(patches, per_patch)} for image_grid_thw "
+                         f"{grids.tolist()}, got {tuple(pixel_values.shape)}")
+    layout = vision_layout(grids, vision_config)
+    counts = layout.tokens_per_image
+    width = max(counts)
+    image_index = torch.zeros(len(counts), width, dtype=torch.long)
+    image_valid = torch.zeros(len(counts), width, dtype=torch.bool)
+    start = 0
+    for row, count in enumerate(counts):
+        image_index[row, :count] = layout.merged_order[start:start + count]
+        image_valid[row, :count] = True
+        start += count
+    inputs = {"patches": pixel_values, "window_order": layout.window_order,
+              "patch_positions": layout.patch_positions, "window_ids": layout.window_ids,
+              "image_ids": layout.image_ids, "image_index": image_index, "image_valid": image_valid}
+    return inputs, layout
 
 
 # --------------------------------------------------------------------------------------

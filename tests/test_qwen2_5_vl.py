@@ -67,9 +67,8 @@ class _VisionGraph(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, patches, window_order, patch_positions, window_ids, image_ids, merged_order):
-        return qwen.encode_images(self.model, patches, window_order, patch_positions, window_ids, image_ids,
-                                  merged_order)
+    def forward(self, *tensors):
+        return qwen.encode_rows(self.model, dict(zip(qwen.VISION_INPUT_NAMES, tensors)))
 
 
 @torch.inference_mode()
@@ -77,26 +76,27 @@ def test_vision_onnx_one_graph_for_every_grid(qwen_model, qwen_processor, tmp_pa
     """One exported vision graph runs two different grids (and a batch of three) in ONNX
     Runtime and matches torch within 1e-4."""
     import onnxruntime as ort
-    names = ["patches", "window_order", "patch_positions", "window_ids", "image_ids", "merged_order"]
+    names = list(qwen.VISION_INPUT_NAMES)
     axes = {"patches": {0: "patches"}, "window_order": {0: "patches"}, "patch_positions": {0: "patches"},
-            "window_ids": {0: "patches"}, "image_ids": {0: "patches"}, "merged_order": {0: "merged"},
-            "visual": {0: "merged"}}
+            "window_ids": {0: "patches"}, "image_ids": {0: "patches"}, "image_index": {0: "batch", 1: "visual_len"},
+            "image_valid": {0: "batch", 1: "visual_len"}, "features": {0: "batch", 1: "visual_len"}}
+    vision = qwen_model.config.vision_config
     first = qwen_processor(images=[make_image(112, 112, 0)], text=["<|image_pad|>"])
-    layout = qwen.vision_layout(first["image_grid_thw"], qwen_model.config.vision_config)
-    example = (first["pixel_values"], *layout.tensors().values())
+    example, _ = qwen.vision_inputs(first["pixel_values"], first["image_grid_thw"], vision)
     path = tmp_path / "vision.onnx"
-    torch.onnx.export(_VisionGraph(qwen_model), example, str(path), dynamo=False, opset_version=17,
-                      input_names=names, output_names=["visual"], dynamic_axes=axes)
+    torch.onnx.export(_VisionGraph(qwen_model), tuple(example[n] for n in names), str(path), dynamo=False,
+                      opset_version=17, input_names=names, output_names=["features"], dynamic_axes=axes)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for images in ([make_image(230, 150, 1)], [make_image(170, 80, 2)], make_images()):
         encoded = qwen_processor(images=images, text=["<|image_pad|>"] * len(images))
-        layout = qwen.vision_layout(encoded["image_grid_thw"], qwen_model.config.vision_config)
-        feeds = dict(zip(names, (encoded["pixel_values"].numpy(), *(t.numpy() for t in layout.tensors().values()))))
-        (visual,) = session.run(None, feeds)
-        expected = torch.cat(qwen_model.model.get_image_features(
-            encoded["pixel_values"], encoded["image_grid_thw"]).pooler_output)
-        assert visual.shape == tuple(expected.shape)
-        np.testing.assert_allclose(visual, expected.numpy(), atol=1e-4, rtol=0)
+        inputs, _ = qwen.vision_inputs(encoded["pixel_values"], encoded["image_grid_thw"], vision)
+        (features,) = session.run(None, {n: inputs[n].numpy() for n in names})
+        expected = qwen.encode_rows(qwen_model, inputs)
+        assert features.shape == tuple(expected.shape)
+        np.testing.assert_allclose(features, expected.numpy(), atol=1e-4, rtol=0)
+        reference = qwen_model.model.get_image_features(encoded["pixel_values"], encoded["image_grid_thw"])
+        np.testing.assert_allclose(features[-1, :len(reference.pooler_output[-1])],
+                                   reference.pooler_output[-1].numpy(), atol=1e-4, rtol=0)
 
 
 # --------------------------------------------------------------------------------------
@@ -263,3 +263,24 @@ def test_brute_force_reference_is_transformers_for_method_none(qwen_model, qwen_
         assert int(logits.argmax()) == generated[step] and decisions == []
         if step == 0:
             torch.testing.assert_close(logits, qwen_model(**encoded).logits[0, -1], atol=1e-4, rtol=0)
+
+
+@torch.inference_mode()
+def test_vision_rows_hold_each_images_tokens(qwen_model, qwen_processor):
+    """The vision graph's per-row output: row b holds image b's tokens (transformers' own
+    features), zeros past its count; bad pixel values / grids are refused by name."""
+    from sparsevlm.methods.generation import InputError
+    encoded = qwen_processor(images=make_images(), text=["<|image_pad|>"] * 3)
+    vision = qwen_model.config.vision_config
+    inputs, layout = qwen.vision_inputs(encoded["pixel_values"], encoded["image_grid_thw"], vision)
+    rows = qwen.encode_rows(qwen_model, inputs)
+    expected = qwen_model.model.get_image_features(encoded["pixel_values"], encoded["image_grid_thw"]).pooler_output
+    assert rows.shape == (3, 40, qwen_model.config.text_config.hidden_size)
+    for row, features in enumerate(expected):
+        torch.testing.assert_close(rows[row, :len(features)], features, atol=1e-5, rtol=0)
+        assert bool((rows[row, len(features):] == 0).all())
+    assert inputs["image_valid"].sum(dim=1).tolist() == [40, 16, 18]
+    with pytest.raises(InputError, match="pixel_values: expected shape"):
+        qwen.vision_inputs(encoded["pixel_values"][:-4], encoded["image_grid_thw"], vision)
+    with pytest.raises(InputError, match="not an image grid"):
+        qwen.vision_inputs(encoded["pixel_values"], torch.tensor([[1, 10, 15], [1, 8, 8], [1, 6, 12]]), vision)
