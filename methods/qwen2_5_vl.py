@@ -20,7 +20,8 @@ folds the three axes into one [B, S, head_dim] cos/sin table, `modeling.rotary` 
 `modeling.decoder_layer` (the LLaVA layer: explicit mask, scored rows, SDPA) run these
 layers unchanged.
 
-Positions (`prompt_positions`, `region_positions`; docs/qwen2_5_vl.md): text tokens count
+Positions (`prompt_positions`, `region_positions`, `pruned_positions`; docs/qwen2_5_vl.md;
+the graphs carry them as [B, S, 3]): text tokens count
 one by one; the visual tokens of an image starting at position p get (p, p + row, p + col)
 on its merged grid; the text after it continues at p + max(rows, cols), and decoding at
 each row's max position + 1 (transformers' `get_rope_index` and `mrope_position_deltas`).
@@ -278,13 +279,14 @@ def prompt_positions(input_ids, image_token_id: int, llm_grids) -> tuple[torch.T
 
 def region_positions(prefix_valid: torch.Tensor, llm_grids, visual_width: int,
                      text_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """mRoPE ids [3, B, P + V + T] of a region batch `[prefix (left-padded) | visual (V
-    slots, row b's image in its first t*h*w) | text (right-padded)]`, and each row's next
-    position [B]. Padding slots get 0 (they are masked). Row b's ids equal
-    `prompt_positions` of its unpadded prompt."""
+    """mRoPE ids [B, P + V + T, 3] (the graphs' layout: batch first; `as_rotary` gives the
+    rotary module's [3, B, S]) of a region batch `[prefix (left-padded) | visual (V slots,
+    row b's image in its first t*h*w) | text (right-padded)]`, and each row's next position
+    [B]. Padding slots get 0 (they are masked). Row b's ids equal `prompt_positions` of its
+    unpadded prompt."""
     batch, prefix_width = prefix_valid.shape
     text_width = text_valid.shape[1]
-    positions = torch.zeros(3, batch, prefix_width + visual_width + text_width, dtype=torch.long)
+    positions = torch.zeros(batch, prefix_width + visual_width + text_width, 3, dtype=torch.long)
     next_position = torch.zeros(batch, dtype=torch.long)
     for row, grid in enumerate(llm_grids):
         prefix = int(prefix_valid[row].sum())
@@ -292,27 +294,34 @@ def region_positions(prefix_valid: torch.Tensor, llm_grids, visual_width: int,
         count = grid[0] * grid[1] * grid[2]
         if count > visual_width:
             raise ValueError(f"row {row}: {count} visual tokens do not fit a visual region of {visual_width}")
-        positions[:, row, prefix_width - prefix:prefix_width] = torch.arange(prefix)
-        positions[:, row, prefix_width:prefix_width + count] = image_positions(prefix, grid)
+        positions[row, prefix_width - prefix:prefix_width] = torch.arange(prefix)[:, None]
+        positions[row, prefix_width:prefix_width + count] = image_positions(prefix, grid).T
         start = prefix + image_extent(grid)
         text_start = prefix_width + visual_width
-        positions[:, row, text_start:text_start + text] = torch.arange(start, start + text)
+        positions[row, text_start:text_start + text] = torch.arange(start, start + text)[:, None]
         next_position[row] = start + text
     return positions, next_position
+
+
+def as_rotary(positions: torch.Tensor) -> torch.Tensor:
+    """[B, S, 3] ids -> the rotary module's [3, B, S]."""
+    return positions.permute(2, 0, 1)
 
 
 def pruned_positions(visual_positions: torch.Tensor, source_index: torch.Tensor,
                      merged_centre: torch.Tensor) -> torch.Tensor:
     """The toolkit's position rule after a pruning layer, for the visual region.
 
-    visual_positions [3, B, V]: ids of the region entering the layer; source_index [B, W]:
+    visual_positions [B, V, 3]: ids of the region entering the layer; source_index [B, W]:
     TokenPrune's slot of each new position (0..V-1 kept, V..V+C-1 merged token c = s - V,
     -1 padding); merged_centre [B, C]: the region slot (0..V-1) of each merged token's cluster
-    centre. A kept token keeps its ids, a merged token takes its centre's, padding gets 0.
-    Returns [3, B, W]."""
-    num_visual = visual_positions.shape[2]
-    merged = (source_index - num_visual).clamp(0, max(merged_centre.shape[1] - 1, 0))
-    centre = torch.gather(merged_centre, 1, merged) if merged_centre.shape[1] else torch.zeros_like(source_index)
-    slot = torch.where(source_index >= num_visual, centre, source_index).clamp_min(0)
-    gathered = torch.gather(visual_positions, 2, slot[None].expand(3, -1, -1))
-    return gathered * (source_index >= 0)[None].to(gathered.dtype)
+    centre (`token_ops.recycle_centre_slots`; C may be 0). A kept token keeps its ids, a
+    merged token takes its centre's, padding gets 0. Returns [B, W, 3]."""
+    num_visual = visual_positions.shape[1]
+    if merged_centre.shape[1]:
+        merged = (source_index - num_visual).clamp(0, merged_centre.shape[1] - 1)
+        slot = torch.where(source_index >= num_visual, torch.gather(merged_centre, 1, merged), source_index)
+    else:
+        slot = source_index
+    gathered = torch.gather(visual_positions, 1, slot.clamp_min(0)[:, :, None].expand(-1, -1, 3))
+    return gathered * (source_index >= 0)[:, :, None].to(gathered.dtype)

@@ -130,34 +130,34 @@ def test_region_positions_equal_each_rows_prompt_positions():
     prefix_valid = torch.tensor([[1, 1, 1], [0, 0, 1], [0, 0, 0]], dtype=torch.bool)
     text_valid = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
     positions, next_position = qwen.region_positions(prefix_valid, grids, 40, text_valid)
+    assert positions.shape == (3, 3 + 40 + 5, 3)
     for row, (ids, grid) in enumerate(zip(prompts, grids)):
         expected, expected_next = qwen.prompt_positions(ids, image, [grid])
         count = grid[1] * grid[2]
         valid = torch.cat([prefix_valid[row], torch.arange(40) < count, text_valid[row]])
-        assert torch.equal(positions[:, row, valid], expected)
-        assert bool((positions[:, row, ~valid] == 0).all())
+        assert torch.equal(qwen.as_rotary(positions)[:, row, valid], expected)
+        assert bool((positions[row, ~valid] == 0).all())
         assert int(next_position[row]) == expected_next
-    # Hand-checked: row 1's prefix [7] is position 0, its 2x2 image (1+r, 1+c), its text from 3.
-    assert positions[:, 1, 2].tolist() == [0, 0, 0]
-    assert positions[:, 1, 3:7].T.tolist() == [[1, 1, 1], [1, 1, 2], [1, 2, 1], [1, 2, 2]]
-    assert positions[0, 1, 43:48].tolist() == [3, 4, 5, 6, 7] and int(next_position[1]) == 8
+    # Hand-checked: row 1's prefix [7] is position 0, its 2x2 image (0, 1+r, 1+c), its text from 3.
+    assert positions[1, 2].tolist() == [0, 0, 0]
+    assert positions[1, 3:7].tolist() == [[1, 1, 1], [1, 1, 2], [1, 2, 1], [1, 2, 2]]
+    assert positions[1, 43:48, 0].tolist() == [3, 4, 5, 6, 7] and int(next_position[1]) == 8
 
 
 def test_pruned_positions_hand_built():
     """Kept tokens keep their (t, h, w), a merged token takes its cluster centre's, padding 0."""
     # One row: a 2x3 image at start 4 (ids (4, 4+r, 4+c)), V = 6 slots.
-    visual = qwen.image_positions(4, (1, 2, 3))[:, None]  # [3, 1, 6]
+    visual = qwen.image_positions(4, (1, 2, 3)).T[None]  # [1, 6, 3]
     # Keep slots 0, 2, 5; one merged token (slot V + 0) whose centre is slot 4; one padding.
-    source = torch.tensor([[0, 2, 5, 6, -1]])
-    centre = torch.tensor([[4]])
-    out = qwen.pruned_positions(visual, source, centre)
-    expected = [[4, 4, 4], [4, 4, 6], [4, 5, 6], [4, 5, 5], [0, 0, 0]]
-    assert out[:, 0].T.tolist() == expected
-    # Two rows, second row without merged tokens: C slots past its count are never read.
-    visual2 = torch.cat([visual, qwen.image_positions(9, (1, 2, 3))[:, None]], dim=1)
-    source2 = torch.tensor([[0, 2, 5, 6, -1], [1, 3, -1, -1, -1]])
-    out2 = qwen.pruned_positions(visual2, source2, torch.tensor([[4], [0]]))
-    assert out2[:, 1].T.tolist() == [[9, 9, 10], [9, 10, 9], [0, 0, 0], [0, 0, 0], [0, 0, 0]]
+    out = qwen.pruned_positions(visual, torch.tensor([[0, 2, 5, 6, -1]]), torch.tensor([[4]]))
+    assert out[0].tolist() == [[4, 4, 4], [4, 4, 6], [4, 5, 6], [4, 5, 5], [0, 0, 0]]
+    # Two rows, the second without merged tokens (its centre slot is never read); FastV: no C.
+    visual2 = torch.cat([visual, qwen.image_positions(9, (1, 2, 3)).T[None]])
+    out2 = qwen.pruned_positions(visual2, torch.tensor([[0, 2, 5, 6, -1], [1, 3, -1, -1, -1]]),
+                                 torch.tensor([[4], [-1]]))
+    assert out2[1].tolist() == [[9, 9, 10], [9, 10, 9], [0, 0, 0], [0, 0, 0], [0, 0, 0]]
+    fastv = qwen.pruned_positions(visual2, torch.tensor([[1, 4], [0, 5]]), torch.zeros(2, 0, dtype=torch.long))
+    assert fastv.tolist() == [[[4, 4, 5], [4, 5, 5]], [[9, 9, 9], [9, 10, 11]]]
 
 
 # --------------------------------------------------------------------------------------
