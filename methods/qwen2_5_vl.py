@@ -325,3 +325,30 @@ def pruned_positions(visual_positions: torch.Tensor, source_index: torch.Tensor,
         slot = source_index
     gathered = torch.gather(visual_positions, 1, slot.clamp_min(0)[:, :, None].expand(-1, -1, 3))
     return gathered * (source_index >= 0)[:, :, None].to(gathered.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Visual counts
+# --------------------------------------------------------------------------------------
+
+# The public checkpoints' preprocessor_config.json (min_pixels, max_pixels), used when a
+# model has no processor at hand (e.g. --random-weights from an alias).
+PUBLIC_MIN_PIXELS = 3136
+PUBLIC_MAX_PIXELS = 12845056
+
+
+def visual_count_range(min_pixels: int, max_pixels: int, patch_size: int = 14, merge_size: int = 2) -> tuple[int, int]:
+    """(fewest, most) visual tokens an image can give: the image processor's smart resize
+    keeps the area within [min_pixels, max_pixels] in whole (patch * merge)-pixel tokens."""
+    token_area = (patch_size * merge_size) ** 2
+    return max(-(-min_pixels // token_area), 1), max(max_pixels // token_area, 1)
+
+
+def processor_pixel_range(processor) -> tuple[int, int]:
+    """(min_pixels, max_pixels) of a Qwen image processor (or a processor holding one)."""
+    image_processor = getattr(processor, "image_processor", processor)
+    size = getattr(image_processor, "size", None) or {}
+    get = size.get if isinstance(size, dict) else lambda key: getattr(size, key, None)
+    low = get("shortest_edge") or getattr(image_processor, "min_pixels", None) or PUBLIC_MIN_PIXELS
+    high = get("longest_edge") or getattr(image_processor, "max_pixels", None) or PUBLIC_MAX_PIXELS
+    return int(low), int(high)

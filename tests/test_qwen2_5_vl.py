@@ -284,3 +284,22 @@ def test_vision_rows_hold_each_images_tokens(qwen_model, qwen_processor):
         qwen.vision_inputs(encoded["pixel_values"][:-4], encoded["image_grid_thw"], vision)
     with pytest.raises(InputError, match="not an image grid"):
         qwen.vision_inputs(encoded["pixel_values"], torch.tensor([[1, 10, 15], [1, 8, 8], [1, 6, 12]]), vision)
+
+
+def test_visual_count_range_bounds_every_image(qwen_processor):
+    """Every image size's visual count (transformers' smart_resize) lies in the range, and
+    the range's ends are reached."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+    low_pixels, high_pixels = qwen.processor_pixel_range(qwen_processor)
+    assert (low_pixels, high_pixels) == (56 * 56, 224 * 224)
+    low, high = qwen.visual_count_range(low_pixels, high_pixels)
+    assert (low, high) == (4, 64)
+    counts = set()
+    for height in range(14, 700, 23):
+        for width in range(14, 700, 31):
+            if max(height, width) / min(height, width) > 20:
+                continue
+            h, w = smart_resize(height, width, 28, low_pixels, high_pixels)
+            counts.add(h * w // 28 ** 2)
+    assert min(counts) == low and max(counts) == high
+    assert qwen.visual_count_range(qwen.PUBLIC_MIN_PIXELS, qwen.PUBLIC_MAX_PIXELS) == (4, 16384)
