@@ -352,3 +352,12 @@ def processor_pixel_range(processor) -> tuple[int, int]:
     low = get("shortest_edge") or getattr(image_processor, "min_pixels", None) or PUBLIC_MIN_PIXELS
     high = get("longest_edge") or getattr(image_processor, "max_pixels", None) or PUBLIC_MAX_PIXELS
     return int(low), int(high)
+
+
+def example_images(vision_config, grids=((1, 8, 12), (1, 6, 8)), dtype=torch.float32, seed: int = 0):
+    """(pixel_values, image_grid_thw) of random images with these patch grids, shaped as the
+    image processor gives them (the exporter's tracing example: small, of different sizes)."""
+    per_patch = vision_config.in_channels * vision_config.temporal_patch_size * vision_config.patch_size ** 2
+    patches = sum(t * h * w for t, h, w in grids)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(patches, per_patch, generator=generator).to(dtype), torch.tensor(grids, dtype=torch.long)
