@@ -45,8 +45,7 @@ def is_qwen2_5_vl(config) -> bool:
     return getattr(config, "model_type", None) == MODEL_TYPE
 
 
-def check_architecture(model) -> None:
-    cfg = model.config
+def check_config(cfg) -> None:
     if not is_qwen2_5_vl(cfg):
         raise UnsupportedModelError(f"model: expected a Qwen2.5-VL checkpoint (model_type {MODEL_TYPE!r}), "
                                     f"got {cfg.model_type!r}")

@@ -66,6 +66,12 @@ def topk_keep_mask(scores: torch.Tensor, valid: torch.Tensor, keep_count: torch.
     return (rank < keep_count.to(rank.dtype)[:, None]) & valid
 
 
+def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean [R, N]: the k best-scoring slots of every row (FasterVLM's per-tile top-k on
+    LLaVA-NeXT; ties: lower index first, as TopKTokenSelect)."""
+    return _descending_rank(scores, torch.ones_like(scores, dtype=torch.bool)) < k
+
+
 def topk_token_select(tokens: torch.Tensor, scores: torch.Tensor, k: int):
     """TopKTokenSelect: keep the k best-scoring tokens of every row, in original order.
 

@@ -162,8 +162,8 @@ class RecordingExecutor:
         shapes = {name: tuple(inputs[name].shape) for name in self.graph_inputs[graph]}
         self.calls[threading.get_ident()].append((graph, shapes))
 
-    def vision(self, pixel_values):
-        self._record("vision", {"pixel_values": pixel_values})
+    def vision(self, pixel_values):  # a tensor, or (anyres) the dict of named vision inputs
+        self._record("vision", pixel_values if isinstance(pixel_values, dict) else {"pixel_values": pixel_values})
         return self.inner.vision(pixel_values)
 
     def segment(self, index, inputs):
