@@ -73,7 +73,8 @@ def read_manifest(artifact: str | Path, verify_files: bool = True) -> dict:
 # integer but these, which may be null or absent: manifests written before the field existed
 # read as LLaVA-1.5).
 _OPTIONAL_SPEC_FIELDS = {"max_position_embeddings": int, "model_type": str, "patch_size": int,
-                         "image_grid_pinpoints": list, "min_visual": int}
+                         "image_grid_pinpoints": list, "min_visual": int, "spatial_merge_size": int,
+                         "window_size": int, "temporal_patch_size": int}
 _MODEL_FIELDS = {"source": str, "config_sha256": str,
                  **{f.name: int for f in fields(ModelSpec) if f.name not in _OPTIONAL_SPEC_FIELDS}}
 _TOP_FIELDS = {"model": dict, "method": dict, "prune_layers": list, "dtype": str, "segments": list,

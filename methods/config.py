@@ -92,12 +92,21 @@ class PrunePlan:
     tile_tokens: int | None = None  # visual tokens of one CLIP tile (FasterVLM's per-tile top-k)
     min_visual: int | None = None  # anyres: a lower bound of a row's visual count
     max_tiles: int = 1  # CLIP tiles one image can take
+    # Qwen2.5-VL (also `anyres`: visual counts per row): mRoPE positions [B, S, 3] travel
+    # through every segment and pruning keeps each token's own (docs/qwen2_5_vl.md).
+    mrope: bool = False
 
     @property
     def vision_width(self) -> int:
         """The widest visual region segment 0 receives: FasterVLM's k on LLaVA-1.5, else the
         most visual tokens an image has (anyres FasterVLM rows keep data-dependent counts)."""
         return self.fastervlm_keep if self.method == "fastervlm" and not self.anyres else self.num_visual
+
+    @property
+    def carries_positions(self) -> bool:
+        """Segments take and give the position ids (FastV keeps the original ones; mRoPE
+        models keep them for every method) instead of renumbering the tokens."""
+        return self.method == "fastv" or self.mrope
 
     @property
     def fixed_topk(self) -> bool:
@@ -183,7 +192,15 @@ def _require(condition: bool, message: str) -> None:
 
 
 def resolve_for_spec(config: SparseVLMConfig, spec) -> PrunePlan:
-    """`resolve` for the model a ModelSpec describes (LLaVA-1.5 or anyres LLaVA-NeXT)."""
+    """`resolve` for the model a ModelSpec describes (LLaVA-1.5, anyres LLaVA-NeXT or
+    Qwen2.5-VL, whose images also have their own visual counts)."""
+    if spec.mrope:
+        from .qwen2_5_vl import check_method
+        check_method(config)
+        plan = resolve(config, spec.num_layers, spec.num_visual, anyres=True, tile_tokens=spec.num_visual,
+                       min_visual=spec.min_visual, mrope=True)
+        plan.extras["patches_per_token"] = spec.spatial_merge_size ** 2  # the vision graph's patches
+        return plan
     if not spec.anyres:
         return resolve(config, spec.num_layers, spec.num_visual)
     return resolve(config, spec.num_layers, spec.num_visual, anyres=True, tile_tokens=spec.tile_tokens,
@@ -191,11 +208,12 @@ def resolve_for_spec(config: SparseVLMConfig, spec) -> PrunePlan:
 
 
 def resolve(config: SparseVLMConfig, num_layers: int, num_visual: int = 576, *, anyres: bool = False,
-            tile_tokens: int | None = None, min_visual: int | None = None, max_tiles: int = 1) -> PrunePlan:
+            tile_tokens: int | None = None, min_visual: int | None = None, max_tiles: int = 1,
+            mrope: bool = False) -> PrunePlan:
     """Check `config` against a model with `num_layers` decoder layers and `num_visual`
     visual tokens (anyres: the most an image can have, `tile_tokens` per CLIP tile), and
     return the concrete plan."""
-    model = dict(anyres=anyres, tile_tokens=tile_tokens, min_visual=min_visual, max_tiles=max_tiles)
+    model = dict(anyres=anyres, tile_tokens=tile_tokens, min_visual=min_visual, max_tiles=max_tiles, mrope=mrope)
     c = config
     _require(c.method in METHODS, f"method: expected one of {METHODS}, got {c.method!r}")
     if c.budget is not None:

@@ -40,6 +40,7 @@ class RegionBatch:
     text_valid: torch.Tensor
     prompt_lengths: list[int]  # tokens per row with the image expanded to its visual tokens
     visual_counts: list[int] = field(default_factory=list)  # visual tokens per row (its image's)
+    positions: torch.Tensor | None = None  # mRoPE models: [B, P + V + T, 3] ids (qwen2_5_vl.region_positions)
 
 
 def _image_span(ids: list[int], image_token_id: int, num_visual: int, row: int) -> tuple[int, int]:
@@ -246,6 +247,8 @@ def prefill(executor, plan: PrunePlan, batch: RegionBatch, pixel_values: torch.T
               "text_ids": batch.text_ids, "text_valid": batch.text_valid}
     if plan.anyres:
         inputs["image_valid"] = image_valid
+    if plan.mrope:
+        inputs["positions"] = batch.positions
     caches, lengths, widths = [], [], []
     rater_mask = None
     choices: list[ProfileChoice] = []
@@ -267,6 +270,8 @@ def prefill(executor, plan: PrunePlan, batch: RegionBatch, pixel_values: torch.T
             if plan.method == "sparsevlm":
                 inputs.update(rater_mask=rater_mask, keep_count=torch.tensor(keeps, dtype=torch.long),
                               visual_width=torch.zeros(width, dtype=torch.long))
+                if plan.mrope:
+                    inputs["positions"] = prev["positions"]
             else:  # fastv: TopKTokenSelect's k is fixed in the graph (anyres: keep counts per row)
                 inputs["positions"] = prev["positions"]
                 if not plan.fixed_topk:
@@ -423,11 +428,27 @@ class GenerationOutput:
 def visual_inputs(spec: ModelSpec, pixel_values: torch.Tensor, image_sizes, batch: int):
     """(what the vision graph takes, each row's visual count): the pixel values as they are
     with num_visual per row, or for anyres models the tiles and layout of `anyres.vision_inputs`."""
+    if spec.mrope:  # Qwen2.5-VL: `image_sizes` holds the processor's image_grid_thw
+        from .qwen2_5_vl import layout_config, vision_inputs
+        if image_sizes is None or len(image_sizes) != batch:
+            raise InputError(f"image_grid_thw: a Qwen2.5-VL model needs each image's patch grid (the processor's "
+                             f"`image_grid_thw`, from prepare()), one per prompt ({batch})")
+        inputs, layout = vision_inputs(pixel_values, image_sizes, layout_config(spec))
+        return inputs, list(layout.tokens_per_image)
     if not spec.anyres:
         check_pixel_values(pixel_values, spec.image_size, batch)
         return pixel_values, [spec.num_visual] * batch
     from .anyres import vision_inputs
     return vision_inputs(spec, pixel_values, image_sizes)
+
+
+def mrope_region_batch(batch: RegionBatch, spec: ModelSpec, image_grid_thw) -> RegionBatch:
+    """`batch` with the mRoPE ids of its regions (Qwen2.5-VL; docs/qwen2_5_vl.md)."""
+    from dataclasses import replace
+    from .qwen2_5_vl import llm_grids, region_positions
+    positions, _ = region_positions(batch.prefix_valid, llm_grids(image_grid_thw, spec.spatial_merge_size),
+                                    max(batch.visual_counts), batch.text_valid)
+    return replace(batch, positions=positions)
 
 
 def generate(executor, plan: PrunePlan, input_ids: list[list[int]], pixel_values: torch.Tensor, *,
@@ -443,6 +464,8 @@ def generate(executor, plan: PrunePlan, input_ids: list[list[int]], pixel_values
 
     vision_in, counts = visual_inputs(spec, pixel_values, image_sizes, len(input_ids))
     batch = make_region_batch(input_ids, spec.image_token_id, counts, spec.pad_token_id)
+    if spec.mrope:
+        batch = mrope_region_batch(batch, spec, image_sizes)
     result = prefill(executor, plan, batch, vision_in, width_policy)
     steps = []
     t0 = time.perf_counter()

@@ -253,13 +253,14 @@ class InputBounds:
     max_new_tokens: int | None = None
     pixel_range: tuple[tuple[float, float], ...] | None = None
     anyres: bool = False  # LLaVA-NeXT: pixel values are [B, tiles, 3, S, S], visual counts per image
+    flat_patches: bool = False  # Qwen2.5-VL: pixel values are every image's patches [N, 3 * T * P * P]
 
     @classmethod
     def from_spec(cls, spec, processor=None) -> "InputBounds":
         """Bounds of a PyTorch model from its ModelSpec: vocabulary and positions (no profiles)."""
         return cls(image_token_id=spec.image_token_id, num_visual=spec.num_visual, vocab_size=spec.vocab_size,
                    max_positions=spec.max_position_embeddings, pixel_range=pixel_range(processor),
-                   anyres=spec.anyres)
+                   anyres=spec.anyres, flat_patches=spec.mrope)
 
     @classmethod
     def from_manifest(cls, manifest: dict, processor=None) -> "InputBounds":
@@ -279,7 +280,8 @@ class InputBounds:
         spec = ModelSpec.from_json(manifest["model"])
         return cls(image_token_id=spec.image_token_id, num_visual=spec.num_visual, vocab_size=spec.vocab_size,
                    max_positions=spec.max_position_embeddings, max_prefix_tokens=prefix, max_text_tokens=text,
-                   max_new_tokens=new_tokens, pixel_range=pixel_range(processor), anyres=spec.anyres)
+                   max_new_tokens=new_tokens, pixel_range=pixel_range(processor), anyres=spec.anyres,
+                   flat_patches=spec.mrope)
 
     # ----------------------------------------------------------------------------------
     @property
@@ -381,7 +383,12 @@ class InputBounds:
         if not isinstance(pixel_values, torch.Tensor):
             raise InputError(f"pixel_values: expected a torch tensor of shape {expected} (from prepare()), got "
                              f"{_describe(pixel_values)}")
-        if self.anyres:  # each row's tile count follows from its image size (anyres.check_tiles)
+        if self.flat_patches:  # the patch count follows from the grids (qwen2_5_vl.vision_inputs)
+            if pixel_values.dim() != 2 or pixel_values.shape[1] % 3:
+                raise InputError("pixel_values: expected every image's flattened patches [patches, 3 * frames * "
+                                 f"patch * patch] (from prepare()), got {tuple(pixel_values.shape)}")
+            pixel_values = pixel_values.reshape(pixel_values.shape[0], 3, -1)  # channel-major patches
+        elif self.anyres:  # each row's tile count follows from its image size (anyres.check_tiles)
             if pixel_values.dim() != 5 or pixel_values.shape[0] != batch \
                     or tuple(pixel_values.shape[2:]) != (3, image_size, image_size):
                 raise InputError(f"pixel_values: expected shape ({batch}, tiles, 3, {image_size}, {image_size}) "
@@ -400,7 +407,7 @@ class InputBounds:
         if self.pixel_range is None:
             return
         for channel, (low, high) in enumerate(self.pixel_range):
-            plane = values[:, channel] if values.dim() == 4 else values[:, :, channel]
+            plane = values[:, channel] if values.dim() in (3, 4) else values[:, :, channel]
             outside = ((plane < low - PIXEL_TOLERANCE) | (plane > high + PIXEL_TOLERANCE)).flatten(1).any(dim=1)
             if bool(outside.any()):
                 row = int(outside.nonzero()[0])
@@ -460,6 +467,8 @@ def prepare_inputs(processor, images, prompts: list[str], chat_template: bool = 
     out = {"input_ids": ids, "pixel_values": encoded["pixel_values"]}
     if "image_sizes" in encoded:  # LLaVA-NeXT: each image's (height, width), for its tile layout
         out["image_sizes"] = encoded["image_sizes"]
+    if "image_grid_thw" in encoded:  # Qwen2.5-VL: each image's patch grid
+        out["image_grid_thw"] = encoded["image_grid_thw"]
     return out
 
 

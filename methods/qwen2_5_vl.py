@@ -360,3 +360,17 @@ def example_images(vision_config, grids=((1, 8, 12), (1, 6, 8)), dtype=torch.flo
     patches = sum(t * h * w for t, h, w in grids)
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(patches, per_patch, generator=generator).to(dtype), torch.tensor(grids, dtype=torch.long)
+
+
+def layout_config(spec):
+    """The vision-config fields `vision_layout` / `vision_inputs` read, from a ModelSpec (an
+    exported artifact has no checkpoint config)."""
+    from types import SimpleNamespace
+    return SimpleNamespace(spatial_merge_size=spec.spatial_merge_size, window_size=spec.window_size,
+                           patch_size=spec.patch_size, temporal_patch_size=spec.temporal_patch_size, in_channels=3)
+
+
+def llm_grids(image_grid_thw, spatial_merge_size: int) -> list[tuple[int, int, int]]:
+    """(t, h, w) of each image's merged token grid."""
+    return [(int(t), int(h) // spatial_merge_size, int(w) // spatial_merge_size)
+            for t, h, w in torch.as_tensor(image_grid_thw).tolist()]

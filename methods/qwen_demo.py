@@ -6,8 +6,8 @@ Language model: a 22-layer Qwen2 (q/k/v biases, grouped-query attention, mRoPE w
 `mrope_section` (2, 3, 3) on 16-dimensional heads), so SparseVLM's pruning layers
 2, 6, 15, 19 exist. A byte-level BPE tokenizer with Qwen's special tokens, Qwen2.5-VL's
 chat template (the default system prompt, `<|vision_start|><|image_pad|><|vision_end|>` for
-the image) and a PIL image processor whose pixel range keeps images small (at most 224x224
-pixels: 64 merged tokens). The directory holds config.json, model.safetensors,
+the image) and a PIL image processor whose pixel range keeps images small (at most 448x448
+pixels: 256 merged tokens, so SparseVLM budgets up to 192 fit). The directory holds config.json, model.safetensors,
 preprocessor_config.json, the tokenizer files and chat_template.json; it loads with
 `Qwen2_5_VLForConditionalGeneration.from_pretrained` and `QwenImageTextProcessor.from_pretrained`.
 
@@ -48,7 +48,7 @@ _CORPUS = [
     "0 1 2 3 4 5 6 7 8 9 , . ? ! : ; ' \" ( ) - + = / \\ \n",
 ]
 MIN_PIXELS = 56 * 56
-MAX_PIXELS = 224 * 224
+MAX_PIXELS = 448 * 448
 
 
 def build_tokenizer(vocab_size: int = 400):

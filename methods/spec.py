@@ -6,11 +6,13 @@ back from it (`from_json`), so an exported artifact runs without its checkpoint.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 from .loading import resolve_pad_token_id
 from .modeling import visual_tokens_per_image
 
 ANYRES_MODEL_TYPES = ("llava_next",)
+MROPE_MODEL_TYPES = ("qwen2_5_vl",)
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,10 @@ class ModelSpec:
     patch_size: int | None = None  # CLIP's patch (pixels per side)
     image_grid_pinpoints: tuple[tuple[int, int], ...] | None = None  # anyres: grid resolutions (height, width)
     min_visual: int | None = None  # anyres: a lower bound of an image's visual count (else num_visual)
+    # Qwen2.5-VL's vision layout (methods/qwen2_5_vl.py: the host prepares its window index).
+    spatial_merge_size: int | None = None  # patches per visual token side
+    window_size: int | None = None  # window attention's side in pixels
+    temporal_patch_size: int | None = None  # frames per patch (an image is repeated)
 
     def __post_init__(self):
         if self.image_grid_pinpoints is not None:  # JSON lists -> tuples, so specs compare equal
@@ -45,6 +51,11 @@ class ModelSpec:
     def anyres(self) -> bool:
         """The visual count depends on each image's size (LLaVA-NeXT)."""
         return self.model_type in ANYRES_MODEL_TYPES
+
+    @property
+    def mrope(self) -> bool:
+        """Qwen2.5-VL: native-resolution images (their own visual counts) and mRoPE positions."""
+        return self.model_type in MROPE_MODEL_TYPES
 
     @property
     def tile_tokens(self) -> int:
@@ -66,6 +77,8 @@ class ModelSpec:
         """From a transformers LlavaConfig; `tokenizer` (a tokenizer, processor or checkpoint
         location) is consulted for the pad id only when the configs name none."""
         text, vision = config.text_config, config.vision_config
+        if config.model_type in MROPE_MODEL_TYPES:
+            return cls._from_qwen_config(config, tokenizer)
         num_visual, min_visual, pinpoints = visual_tokens_per_image(vision), None, None
         if config.model_type in ANYRES_MODEL_TYPES:
             from .anyres import visual_count_range
@@ -79,6 +92,30 @@ class ModelSpec:
                    max_position_embeddings=getattr(text, "max_position_embeddings", None),
                    model_type=config.model_type, patch_size=vision.patch_size, image_grid_pinpoints=pinpoints,
                    min_visual=min_visual)
+
+    @classmethod
+    def _from_qwen_config(cls, config, processor=None) -> "ModelSpec":
+        """Qwen2.5-VL: the visual count ranges over what the image processor's min/max pixels
+        allow (the public checkpoints' values without a processor); `image_size` is the
+        pixels per visual token side (patch * merge)."""
+        from .qwen2_5_vl import processor_pixel_range, visual_count_range
+        text, vision = config.text_config, config.vision_config
+        if isinstance(processor, (str, Path)):
+            from .qwen_processor import QwenImageTextProcessor
+            try:
+                processor = QwenImageTextProcessor.from_pretrained(processor)
+            except (OSError, ValueError):
+                processor = None
+        min_visual, num_visual = visual_count_range(*processor_pixel_range(processor), vision.patch_size,
+                                                    vision.spatial_merge_size)
+        return cls(num_layers=text.num_hidden_layers, hidden_size=text.hidden_size,
+                   intermediate_size=text.intermediate_size, vocab_size=text.vocab_size, num_visual=num_visual,
+                   image_token_id=config.image_token_id, image_size=vision.patch_size * vision.spatial_merge_size,
+                   pad_token_id=resolve_pad_token_id(config, processor),
+                   max_position_embeddings=getattr(text, "max_position_embeddings", None),
+                   model_type=config.model_type, patch_size=vision.patch_size, min_visual=min_visual,
+                   spatial_merge_size=vision.spatial_merge_size, window_size=vision.window_size,
+                   temporal_patch_size=vision.temporal_patch_size)
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -291,9 +291,9 @@ def test_visual_count_range_bounds_every_image(qwen_processor):
     the range's ends are reached."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
     low_pixels, high_pixels = qwen.processor_pixel_range(qwen_processor)
-    assert (low_pixels, high_pixels) == (56 * 56, 224 * 224)
+    assert (low_pixels, high_pixels) == (56 * 56, 448 * 448)
     low, high = qwen.visual_count_range(low_pixels, high_pixels)
-    assert (low, high) == (4, 64)
+    assert (low, high) == (4, 256)
     counts = set()
     for height in range(14, 700, 23):
         for width in range(14, 700, 31):
