@@ -44,8 +44,8 @@ from sparsevlm.cli import (OptionError, add_method_arguments, add_quiet_flag, ad
                            method_budgets_from_args, method_options_from_args)
 from sparsevlm.methods.files import atomic_directory, check_output_directory, is_toolkit_output
 from sparsevlm.methods.config import SparseVLMConfig, resolve_for_spec
-from sparsevlm.methods.generation import (TorchExecutor, decode_tokens, make_region_batch, prefill, SamplingParams,
-                                          visual_inputs)
+from sparsevlm.methods.generation import (TorchExecutor, decode_tokens, make_region_batch, mrope_region_batch,
+                                          prefill, SamplingParams, visual_inputs)
 from sparsevlm.methods.loading import config_sha256, load_model
 from sparsevlm.methods.segments import DecodeStep, PrefillSegment, VisionEncoder, graph_signature, plan_segments
 from sparsevlm.methods.spec import ModelSpec
@@ -126,14 +126,20 @@ def _example_run(model, plan, spec: ModelSpec):
     gen = torch.Generator().manual_seed(0)
     draw = lambda n: [t for t in torch.randint(3, vocab, (2 * n,), generator=gen).tolist() if t != image][:n]
     ids = [[1] + draw(3) + [image] + draw(9), [1] + draw(5) + [image] + draw(6)]
-    size = config.vision_config.image_size
-    sizes = example_image_sizes(spec) if spec.anyres else None
-    tiles = (spec.max_tiles,) if spec.anyres else ()
-    pixels = torch.randn(2, *tiles, 3, size, size, generator=gen).to(model.dtype)
+    if spec.mrope:  # Qwen2.5-VL: two small images of different grids (24 and 12 visual tokens)
+        from sparsevlm.methods.qwen2_5_vl import example_images, layout_config
+        pixels, sizes = example_images(layout_config(spec), dtype=model.dtype)
+    else:
+        size = config.vision_config.image_size
+        sizes = example_image_sizes(spec) if spec.anyres else None
+        tiles = (spec.max_tiles,) if spec.anyres else ()
+        pixels = torch.randn(2, *tiles, 3, size, size, generator=gen).to(model.dtype)
     tokens = example_visual_tokens(plan)
     executor = _ShortVisualExecutor(model, plan, tokens)
     vision_in, counts = visual_inputs(spec, pixels, sizes, 2)
     batch = make_region_batch(ids, image, counts, 0)
+    if spec.mrope:
+        batch = mrope_region_batch(batch, spec, sizes)
     result = prefill(executor, plan, batch, vision_in)
     for _ in decode_tokens(executor, plan_segments(plan), result, SamplingParams(max_new_tokens=2)):
         pass
@@ -361,10 +367,10 @@ def export(model: str, out: str | Path, method: str = "sparsevlm", variant: str 
         if len(configs) > 1:
             raise OptionError("--calibration: a calibration holds for one method setting; export one --budget with it")
     torch_model, location = load_model(model, dtype=dtype, random_weights=random_weights)
-    spec = ModelSpec.from_hf_config(torch_model.config)
+    processor_dir = location if Path(location).is_dir() else None
+    spec = ModelSpec.from_hf_config(torch_model.config, processor_dir)  # Qwen2.5-VL: its pixel range
     plans = [resolve_for_spec(config, spec) for config in configs]  # every budget is valid before anything is written
     buckets = calibration_buckets(calibration, plans[0], torch_model) if calibration else None
-    processor_dir = location if Path(location).is_dir() else None
     manifests = []
     for config, target in zip(configs, targets):
         manifests.append(export_artifact(torch_model, location, config, target, dtype=dtype, opset=opset,
@@ -396,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sparsevlm-run."))
     p.add_argument("--model", required=True, help="local HF LLaVA directory, hub id (owner/name), or alias: "
                    "llava-1.5-7b, llava-1.5-13b, llava-v1.6-vicuna-7b, llava-v1.6-vicuna-13b, llava-v1.6-mistral-7b, "
-                   "demo (the built-in tiny model)")
+                   "qwen2.5-vl-3b, qwen2.5-vl-7b, demo (the built-in tiny model)")
     add_method_arguments(p, several_budgets=True)
     p.add_argument("--dtype", default="float32", choices=sorted(EXPORT_DTYPES),
                    help="weights and activations dtype (bfloat16 is not offered: ONNX Runtime has no CPU kernels for it)")

@@ -70,6 +70,10 @@ def graph_profiles(plan: PrunePlan, num_segments: int, vision_width: int, bucket
         image_len = [plan.min_visual, vision_width, vision_width]
         region[0] = [1, vision_width, vision_width] if plan.method == "fastervlm" else image_len
         vision = {"tiles": [1, plan.max_tiles, batch[2] * plan.max_tiles], "batch": batch, "visual_len": image_len}
+    if plan.mrope:  # Qwen2.5-VL: every image's patches, `patches_per_token` per visual token
+        unit = plan.extras["patches_per_token"]
+        vision = {"patches": [plan.min_visual * unit, vision_width * unit, batch[2] * vision_width * unit],
+                  "batch": batch, "visual_len": image_len}
 
     def sequence(visual: list[int]) -> list[int]:
         return [prefix[i] + visual[i] + text[i] for i in range(3)]

@@ -36,7 +36,7 @@ class SparseLlava:
     def from_pretrained(cls, name: str, config: SparseVLMConfig | None = None, dtype: str = "float32",
                         device: str = "cpu") -> "SparseLlava":
         model, location = load_model(name, dtype=dtype, device=device)
-        return cls(model, config, load_processor(location))
+        return cls(model, config, load_processor(location, model.config.model_type))
 
     @property
     def pad_id(self) -> int:

@@ -308,16 +308,16 @@ def as_rotary(positions: torch.Tensor) -> torch.Tensor:
 
 
 def pruned_positions(visual_positions: torch.Tensor, source_index: torch.Tensor,
-                     merged_centre: torch.Tensor) -> torch.Tensor:
+                     merged_centre: torch.Tensor | None) -> torch.Tensor:
     """The toolkit's position rule after a pruning layer, for the visual region.
 
     visual_positions [B, V, 3]: ids of the region entering the layer; source_index [B, W]:
     TokenPrune's slot of each new position (0..V-1 kept, V..V+C-1 merged token c = s - V,
     -1 padding); merged_centre [B, C]: the region slot (0..V-1) of each merged token's cluster
-    centre (`token_ops.recycle_centre_slots`; C may be 0). A kept token keeps its ids, a
-    merged token takes its centre's, padding gets 0. Returns [B, W, 3]."""
+    centre (`token_ops.recycle_centre_slots`; None: no merged tokens, e.g. FastV). A kept token
+    keeps its ids, a merged token takes its centre's, padding gets 0. Returns [B, W, 3]."""
     num_visual = visual_positions.shape[1]
-    if merged_centre.shape[1]:
+    if merged_centre is not None:
         merged = (source_index - num_visual).clamp(0, merged_centre.shape[1] - 1)
         slot = torch.where(source_index >= num_visual, torch.gather(merged_centre, 1, merged), source_index)
     else:

@@ -261,7 +261,6 @@ def _kept_positions(positions: torch.Tensor, widths: list[int], kept: torch.Tens
     prefix, visual = widths
     region = positions[:, prefix:prefix + visual]
     if positions.dim() == 3:
-        centres = kept[:, :0] if centres is None else centres
         region = qwen2_5_vl.pruned_positions(region, kept, centres)
     else:
         region = torch.gather(region, 1, kept.clamp_min(0))

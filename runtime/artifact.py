@@ -43,7 +43,7 @@ class Artifact:
             raise ArtifactError(f"artifact: {self.root} has no graph {name!r}") from None
 
     def processor(self):
-        from transformers import AutoProcessor
+        from sparsevlm.methods.loading import load_processor
         sub = self.manifest["model"].get("processor")
         location = self.root / sub if sub else self.manifest["model"]["source"]
-        return AutoProcessor.from_pretrained(str(location), trust_remote_code=False)
+        return load_processor(str(location), self.manifest["model"].get("model_type"))

@@ -96,6 +96,9 @@ class Pipeline:
             from sparsevlm.methods.anyres import stack_pixel_values
             pixel_values = stack_pixel_values([inputs["pixel_values"] for inputs in prepared])
             image_sizes = [tuple(size) for inputs in prepared for size in inputs["image_sizes"].tolist()]
+        elif self.spec.mrope:  # Qwen2.5-VL: every image's patches, and each image's patch grid
+            pixel_values = torch.cat([inputs["pixel_values"] for inputs in prepared])
+            image_sizes = torch.cat([inputs["image_grid_thw"] for inputs in prepared])
         else:
             pixel_values, image_sizes = torch.cat([inputs["pixel_values"] for inputs in prepared]), None
         tokenizer = self.processor.tokenizer

@@ -156,7 +156,7 @@ def test_pruned_positions_hand_built():
     out2 = qwen.pruned_positions(visual2, torch.tensor([[0, 2, 5, 6, -1], [1, 3, -1, -1, -1]]),
                                  torch.tensor([[4], [-1]]))
     assert out2[1].tolist() == [[9, 9, 10], [9, 10, 9], [0, 0, 0], [0, 0, 0], [0, 0, 0]]
-    fastv = qwen.pruned_positions(visual2, torch.tensor([[1, 4], [0, 5]]), torch.zeros(2, 0, dtype=torch.long))
+    fastv = qwen.pruned_positions(visual2, torch.tensor([[1, 4], [0, 5]]), None)
     assert fastv.tolist() == [[[4, 4, 5], [4, 5, 5]], [[9, 9, 9], [9, 10, 11]]]
 
 
