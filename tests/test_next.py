@@ -35,98 +35,11 @@ from sparsevlm.methods.profiles import profile_for_shapes  # noqa: E402
 from sparsevlm.methods.spec import ModelSpec  # noqa: E402
 from sparsevlm.runtime import Pipeline  # noqa: E402
 
-NUM_LAYERS = 8
-# (height, width) of the test images: 5, 5 and 3 tiles, three different visual counts
-IMAGE_SIZES = [(100, 170), (150, 150), (90, 160)]
-PROMPTS = ["What is in the image?",
-           "Look at this picture carefully. How many objects are there? Answer with a single word.",
-           "Is there a red circle?"]
-RAW_PROMPT = "USER: <image>\nWhat is in the image? ASSISTANT:"
-NEW_TOKENS = 8
-METHODS = {
-    "none": dict(method="none", budgets=None),
-    "sparsevlm_v15_b192": dict(method="sparsevlm", variant="v1.5", budgets=[192], prune_layers=(2, 4, 6)),
-    "sparsevlm_v10_b192": dict(method="sparsevlm", variant="v1.0", budgets=[192], prune_layers=(2, 4, 5, 6)),
-    "fastervlm_r0.9": dict(method="fastervlm", budgets=None, reduction=0.9),
-    "fastv_R0.5": dict(method="fastv", budgets=None, K=2, R=0.5),
-}
-PRUNING = [name for name in METHODS if name != "none"]
+from next_helpers import (IMAGE_SIZES, METHODS, NEW_TOKENS, NUM_LAYERS, PROMPTS, PRUNING, RAW_PROMPT,  # noqa: F401
+                          encode, hf_next, method_config, next_artifacts, next_dir, next_images, next_processor,
+                          next_runs)
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
-
-_ARTIFACTS: dict = {}
-_PIPELINES: dict = {}
-_RUNS: dict = {}
-
-
-def method_config(name: str) -> SparseVLMConfig:
-    kwargs = dict(METHODS[name])
-    budgets = kwargs.pop("budgets")
-    return SparseVLMConfig(budget=budgets[0] if budgets else None, **kwargs)
-
-
-@pytest.fixture(scope="session")
-def next_dir(tmp_path_factory):
-    from sparsevlm.methods.demo_next import build_demo_next_model
-    return build_demo_next_model(tmp_path_factory.mktemp("checkpoints") / "demo-next", num_layers=NUM_LAYERS)
-
-
-@pytest.fixture(scope="session")
-def hf_next(next_dir):
-    from transformers import LlavaNextForConditionalGeneration
-    return LlavaNextForConditionalGeneration.from_pretrained(str(next_dir), dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="session")
-def next_processor(next_dir):
-    from transformers import AutoProcessor
-    return AutoProcessor.from_pretrained(str(next_dir))
-
-
-@pytest.fixture(scope="session")
-def next_images():
-    from PIL import Image
-    rng = np.random.RandomState(77)
-    images = []
-    for height, width in IMAGE_SIZES:
-        base = rng.rand(6, 6, 3)  # blocky, structured images
-        blocks = np.kron(base, np.ones((-(-height // 6), -(-width // 6), 1)))[:height, :width]
-        pixels = blocks * 0.7 + rng.rand(height, width, 3) * 0.3
-        images.append(Image.fromarray((pixels * 255).astype("uint8")))
-    return images
-
-
-@pytest.fixture(scope="session")
-def next_artifacts(next_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("next-artifacts")
-
-    def get(name: str):
-        if name not in _ARTIFACTS:
-            out = root / name
-            export(str(next_dir), out, progress=False, **METHODS[name])
-            _ARTIFACTS[name] = out
-        return _ARTIFACTS[name]
-    return get
-
-
-@pytest.fixture(scope="session")
-def next_runs(next_artifacts, next_images):
-    """next_runs(name, backend, batch) -> RunOutput (greedy, no stop token), cached."""
-    def get(name: str, backend: str, batch: int):
-        key = (name, backend, batch)
-        if key not in _RUNS:
-            path = next_artifacts(name)
-            if (path, backend) not in _PIPELINES:
-                _PIPELINES[(path, backend)] = Pipeline.load(path, backend=backend, threads=1)
-            pipe = _PIPELINES[(path, backend)]
-            _RUNS[key] = pipe.generate(next_images[:batch], PROMPTS[:batch], max_new_tokens=NEW_TOKENS,
-                                       stop_token_ids=())
-        return _RUNS[key]
-    return get
-
-
-def encode(processor, image, prompt=RAW_PROMPT):
-    return processor(images=[image], text=[prompt], return_tensors="pt")
 
 
 # ------------------------------------------------------------------------------------------
@@ -345,3 +258,46 @@ def test_profiles_span_the_pinpoints_visual_counts(next_artifacts, hf_next):
     (segment0,) = manifest["graphs"]["segment_0"]["profiles"]
     assert segment0["visual_len"] == vision["visual_len"]
     assert ModelSpec.from_json(manifest["model"]) == spec
+
+
+# ------------------------------------------------------------------------------------------
+# Calibration learns buckets for the varying visual counts
+
+
+def test_calibration_buckets_serve_every_images_widths(next_dir, next_artifacts, next_images, tmp_path):
+    """sparsevlm-calibrate on images of several sizes: each sample's widths are its own image's
+    (v1.5 scaled to N), the buckets hold every width, and an export with them (the exporter's
+    check and profile functions) serves a run of all three images."""
+    import json
+
+    from sparsevlm.calibration import calibrate
+    from sparsevlm.export.exporter import calibration_buckets
+    from sparsevlm.methods.loading import load_model
+    from sparsevlm.methods.profiles import select_profile
+    from sparsevlm.runtime.artifact import Artifact
+
+    name = "sparsevlm_v15_b192"
+    for i, image in enumerate(next_images):
+        image.save(tmp_path / f"image_{i}.png")
+    lines = [json.dumps({"image": f"image_{i}.png", "prompt": prompt}) for i in range(3) for prompt in PROMPTS]
+    (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
+    result = calibrate(str(next_dir), method_config(name), str(tmp_path / "data.jsonl"), tmp_path / "calibration",
+                       max_profiles=3, coverage=1.0, batch_size=9, progress=False, report=False)
+    spec = ModelSpec.from_hf_config(load_model(str(next_dir))[0].config)
+    widths = {}
+    for record in result.records:
+        n = record["layers"][0]["visual_in"]
+        assert n == layout_for(spec, IMAGE_SIZES[record["index"] // len(PROMPTS)]).count  # its image's count
+        first = record["layers"][0]
+        assert first["keep_count"] == round(300 * n / 576)
+        for segment in record["segments"][1:]:
+            widths.setdefault(segment["index"], set()).add(segment["visual_width"])
+    assert len(widths[1]) >= 3  # three image sizes, three widths
+    artifact = Artifact.load(next_artifacts(name))
+    torch_model, _ = load_model(str(next_dir))
+    buckets = calibration_buckets(result.calibration_path, artifact.plan, torch_model)
+    for index, segment_widths in widths.items():
+        ranges = [tuple(b) for b in buckets[index - 1]]
+        assert all(any(lo <= w <= hi for lo, _, hi in ranges) for w in segment_widths)
+        for width in segment_widths:
+            select_profile(ranges, width, index)  # served (raises ProfileError otherwise)
