@@ -22,7 +22,8 @@ from typing import Callable, Sequence
 from tqdm.auto import tqdm
 
 from sparsevlm.methods import SparseLlava, SparseVLMConfig
-from sparsevlm.methods.generation import InputError, make_region_batch, prefill, visual_inputs
+from sparsevlm.methods.generation import InputError, build_batch, prefill
+from sparsevlm.methods.inputs import image_layout
 from sparsevlm.methods.files import atomic_file
 from sparsevlm.methods.loading import config_sha256
 
@@ -130,8 +131,8 @@ def run_batch(vlm: SparseLlava, samples: Sequence[CalibrationSample], raw_prompt
     images = [s.load_image() for s in samples]
     try:
         inputs = vlm.prepare(images, [s.prompt for s in samples], chat_template=not raw_prompts)
-        vision_in, counts = visual_inputs(vlm.spec, inputs["pixel_values"], inputs.get("image_sizes"), len(samples))
-        batch = make_region_batch(inputs["input_ids"], vlm.spec.image_token_id, counts, vlm.spec.pad_token_id)
+        vision_in, counts, batch = build_batch(vlm.spec, inputs["input_ids"], inputs["pixel_values"],
+                                               image_layout(inputs))
     except InputError as error:  # its "prompt N" counts rows of this batch: name the sample instead
         row = re.match(r"prompt (\d+):", str(error))
         where = samples[int(row.group(1))].origin if row else ", ".join(s.origin for s in samples)

@@ -44,8 +44,7 @@ from sparsevlm.cli import (OptionError, add_method_arguments, add_quiet_flag, ad
                            method_budgets_from_args, method_options_from_args)
 from sparsevlm.methods.files import atomic_directory, check_output_directory, is_toolkit_output
 from sparsevlm.methods.config import SparseVLMConfig, resolve_for_spec
-from sparsevlm.methods.generation import (TorchExecutor, decode_tokens, make_region_batch, mrope_region_batch,
-                                          prefill, SamplingParams, visual_inputs)
+from sparsevlm.methods.generation import TorchExecutor, build_batch, decode_tokens, prefill, SamplingParams
 from sparsevlm.methods.loading import config_sha256, load_model
 from sparsevlm.methods.segments import DecodeStep, PrefillSegment, VisionEncoder, graph_signature, plan_segments
 from sparsevlm.methods.spec import ModelSpec
@@ -136,10 +135,7 @@ def _example_run(model, plan, spec: ModelSpec):
         pixels = torch.randn(2, *tiles, 3, size, size, generator=gen).to(model.dtype)
     tokens = example_visual_tokens(plan)
     executor = _ShortVisualExecutor(model, plan, tokens)
-    vision_in, counts = visual_inputs(spec, pixels, sizes, 2)
-    batch = make_region_batch(ids, image, counts, 0)
-    if spec.mrope:
-        batch = mrope_region_batch(batch, spec, sizes)
+    vision_in, _, batch = build_batch(spec, ids, pixels, sizes, pad_id=0)
     result = prefill(executor, plan, batch, vision_in)
     for _ in decode_tokens(executor, plan_segments(plan), result, SamplingParams(max_new_tokens=2)):
         pass

@@ -442,6 +442,17 @@ def visual_inputs(spec: ModelSpec, pixel_values: torch.Tensor, image_sizes, batc
     return vision_inputs(spec, pixel_values, image_sizes)
 
 
+def build_batch(spec: ModelSpec, input_ids: list[list[int]], pixel_values, image_sizes, pad_id: int | None = None):
+    """(the vision graph's inputs, each row's visual count, the region batch) of one batch:
+    what `prefill` takes. `image_sizes`: LLaVA-NeXT's (height, width) per image, Qwen2.5-VL's
+    image_grid_thw (`inputs.image_layout` reads either from prepare()'s output)."""
+    vision_in, counts = visual_inputs(spec, pixel_values, image_sizes, len(input_ids))
+    batch = make_region_batch(input_ids, spec.image_token_id, counts, spec.pad_token_id if pad_id is None else pad_id)
+    if spec.mrope:
+        batch = mrope_region_batch(batch, spec, image_sizes)
+    return vision_in, counts, batch
+
+
 def mrope_region_batch(batch: RegionBatch, spec: ModelSpec, image_grid_thw) -> RegionBatch:
     """`batch` with the mRoPE ids of its regions (Qwen2.5-VL; docs/qwen2_5_vl.md)."""
     from dataclasses import replace
@@ -459,13 +470,11 @@ def generate(executor, plan: PrunePlan, input_ids: list[list[int]], pixel_values
     tokens; `width_policy` as in `prefill` (its choices are returned in `profiles`). Keeps no
     state between calls, so concurrent calls on one executor are independent. Anyres
     (LLaVA-NeXT) models take pixel_values [B, tiles, 3, S, S] and each image's (height, width)
-    in `image_sizes`, as the processor gives them."""
+    in `image_sizes`, as the processor gives them; Qwen2.5-VL takes every image's patches
+    [N, 3 * T * P * P] and its `image_grid_thw` in `image_sizes`."""
     from .accounting import run_accounting
 
-    vision_in, counts = visual_inputs(spec, pixel_values, image_sizes, len(input_ids))
-    batch = make_region_batch(input_ids, spec.image_token_id, counts, spec.pad_token_id)
-    if spec.mrope:
-        batch = mrope_region_batch(batch, spec, image_sizes)
+    vision_in, counts, batch = build_batch(spec, input_ids, pixel_values, image_sizes)
     result = prefill(executor, plan, batch, vision_in, width_policy)
     steps = []
     t0 = time.perf_counter()

@@ -472,6 +472,12 @@ def prepare_inputs(processor, images, prompts: list[str], chat_template: bool = 
     return out
 
 
+def image_layout(inputs: dict):
+    """What the generation loop needs besides the pixels to lay images out, from
+    `prepare_inputs`' output: LLaVA-NeXT's `image_sizes`, Qwen2.5-VL's `image_grid_thw`, else None."""
+    return inputs.get("image_sizes", inputs.get("image_grid_thw"))
+
+
 def _as_list(values, name: str) -> list:
     if isinstance(values, (str, bytes)) or values is None or not hasattr(values, "__len__") \
             or isinstance(values, np.ndarray):

@@ -52,12 +52,13 @@ class SparseLlava:
     def generate(self, input_ids, pixel_values: torch.Tensor, max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
                  eos_token_id: int | list[int] | None = None, on_token=None,
-                 attention_mask: torch.Tensor | None = None, image_sizes=None) -> GenerationOutput:
+                 attention_mask: torch.Tensor | None = None, image_sizes=None,
+                 image_grid_thw=None) -> GenerationOutput:
         """Generate for one image per prompt; mirrors `transformers`' generate arguments.
 
         input_ids: a list of token-id lists (no padding), or a [B, S] tensor; a padded tensor
         needs its `attention_mask` (0 at padding). LLaVA-NeXT also takes the processor's
-        `image_sizes` (prepare() returns them). Ids, pixel values and lengths are checked first
+        `image_sizes`, Qwen2.5-VL its `image_grid_thw` (prepare() returns them). Ids, pixel values and lengths are checked first
         (InputError naming the argument and row; docs/inputs.md)."""
         input_ids = self.bounds.check_ids(input_ids, attention_mask, self.pad_id)
         max_new_tokens = self.bounds.check_new_tokens(max_new_tokens)
@@ -66,7 +67,8 @@ class SparseLlava:
         stops = () if eos_token_id is None else tuple([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
         params = SamplingParams(max_new_tokens, temperature if do_sample else 0.0, top_p, seed, stops)
         return generation.generate(self.executor, self.plan, input_ids, pixel_values, spec=self.spec,
-                                   params=params, on_token=on_token, image_sizes=image_sizes)
+                                   params=params, on_token=on_token,
+                                   image_sizes=image_sizes if image_grid_thw is None else image_grid_thw)
 
     def decode(self, sequences: torch.Tensor) -> list[str]:
         return self.processor.batch_decode(sequences, skip_special_tokens=True)

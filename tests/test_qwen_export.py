@@ -113,3 +113,35 @@ def test_profiles_span_the_processors_visual_counts(qwen8_artifacts, qwen8_dir):
     assert vision["patches"] == [16, 1024, 8 * 1024]  # 4 patches per visual token, up to 8 images
     (segment0,) = manifest["graphs"]["segment_0"]["profiles"]
     assert segment0["visual_len"] == vision["visual_len"]
+
+
+def test_calibration_learns_widths_of_every_image(qwen8_dir, qwen8_artifacts, tmp_path):
+    """sparsevlm-calibrate on images of three sizes: each sample's first layer sees its own
+    image's visual count and keeps the scaled v1.5 count, and the buckets it writes pass the
+    exporter's check and hold every width the samples needed."""
+    import json
+
+    from sparsevlm.calibration import calibrate
+    from sparsevlm.export.exporter import calibration_buckets
+    from sparsevlm.methods import SparseVLMConfig
+    from sparsevlm.methods.loading import load_model
+    from sparsevlm.runtime.artifact import Artifact
+
+    for i, image in enumerate(make_images()):
+        image.save(tmp_path / f"image_{i}.png")
+    lines = [json.dumps({"image": f"image_{i}.png", "prompt": prompt}) for i in range(3) for prompt in PROMPTS[:2]]
+    (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
+    kwargs = dict(METHODS["sparsevlm_v15_b192"])
+    config = SparseVLMConfig(budget=kwargs.pop("budgets")[0], **kwargs)
+    result = calibrate(str(qwen8_dir), config, str(tmp_path / "data.jsonl"), tmp_path / "calibration",
+                       max_profiles=3, coverage=1.0, batch_size=6, progress=False, report=False)
+    widths = set()
+    for record in result.records:
+        count = [40, 16, 18][record["index"] // 2]
+        assert record["layers"][0]["visual_in"] == count
+        assert record["layers"][0]["keep_count"] == round(300 * count / 576)
+        widths.add(record["segments"][1]["visual_width"])
+    assert len(widths) == 3
+    buckets = calibration_buckets(result.calibration_path, Artifact.load(qwen8_artifacts("sparsevlm_v15_b192")).plan,
+                                  load_model(str(qwen8_dir))[0])
+    assert all(any(lo <= w <= hi for lo, _, hi in buckets[0]) for w in widths)
