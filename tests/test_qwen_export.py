@@ -145,3 +145,19 @@ def test_calibration_learns_widths_of_every_image(qwen8_dir, qwen8_artifacts, tm
     buckets = calibration_buckets(result.calibration_path, Artifact.load(qwen8_artifacts("sparsevlm_v15_b192")).plan,
                                   load_model(str(qwen8_dir))[0])
     assert all(any(lo <= w <= hi for lo, _, hi in buckets[0]) for w in widths)
+
+
+@pytest.mark.parametrize("flavour", ["python", "tensorrt"])
+def test_triton_repository_of_a_qwen_artifact_validates(flavour, qwen8_artifacts, tmp_path):
+    """sparsevlm-triton writes a valid repository for a Qwen2.5-VL artifact; the tensorrt
+    flavour's vision model takes the flattened patches and their layout. (A real server run
+    needs nvidia-pytriton: tests/test_triton_server.py.)"""
+    from sparsevlm.runtime.triton.repository import write_repository
+    from sparsevlm.runtime.triton.validation import validate_repository
+    artifact = qwen8_artifacts("sparsevlm_v15_b192")
+    kwargs = dict(graph_backend="onnxruntime") if flavour == "tensorrt" else {}
+    info = write_repository(artifact, tmp_path / "repo", flavour=flavour, max_batch=4, **kwargs)
+    assert validate_repository(info.path) == []
+    if flavour == "tensorrt":
+        config = (info.path / "sparsevlm_vision" / "config.pbtxt").read_text()
+        assert all(f'"{name}"' in config for name in ("patches", "window_order", "image_index", "image_valid"))
