@@ -161,3 +161,12 @@ def test_triton_repository_of_a_qwen_artifact_validates(flavour, qwen8_artifacts
     if flavour == "tensorrt":
         config = (info.path / "sparsevlm_vision" / "config.pbtxt").read_text()
         assert all(f'"{name}"' in config for name in ("patches", "window_order", "image_index", "image_valid"))
+
+
+def test_fastervlm_refused_by_the_export_command(qwen8_dir, tmp_path, capsys):
+    """FasterVLM on Qwen2.5-VL: one line naming why (no [CLS] token), exit 2, nothing written."""
+    from test_cli_bad_inputs import assert_user_error, in_process
+    result = in_process("sparsevlm-export", "--model", qwen8_dir, "--method", "fastervlm", "--budget", "64",
+                        "--out", tmp_path / "out", capsys=capsys)
+    last = assert_user_error(result, "sparsevlm-export", "fastervlm", "[CLS]")
+    assert "Qwen2.5-VL" in last and not (tmp_path / "out").exists()
