@@ -22,7 +22,8 @@ from typing import Callable, Sequence
 from tqdm.auto import tqdm
 
 from sparsevlm.methods import SparseLlava, SparseVLMConfig
-from sparsevlm.methods.generation import InputError, make_region_batch, prefill
+from sparsevlm.methods.generation import InputError, build_batch, prefill
+from sparsevlm.methods.inputs import image_layout
 from sparsevlm.methods.files import atomic_file
 from sparsevlm.methods.loading import config_sha256
 
@@ -104,14 +105,17 @@ def _segment_decisions(decisions, plan) -> list:
     return [by_layer[layer] for layer in plan.prune_layers]
 
 
-def records_from_prefill(result, plan, samples: Sequence[CalibrationSample]) -> list[dict]:
-    """One record per batch row: per pruning layer and per segment, that row's entries."""
+def records_from_prefill(result, plan, samples: Sequence[CalibrationSample],
+                         visual_counts: Sequence[int] | None = None) -> list[dict]:
+    """One record per batch row: per pruning layer and per segment, that row's entries
+    (`visual_counts`: each row's image's visual count, anyres; default the plan's num_visual)."""
     closing = _segment_decisions(result.decisions, plan)
+    visual_counts = visual_counts or [plan.num_visual] * len(samples)
     records = []
     for row, sample in enumerate(samples):
         layers = [{"layer": d.layer, "visual_in": d.visual_in[row], "rank": d.rank[row],
                    "keep_count": d.keep_count[row], "recycled": d.recycled[row]} for d in result.decisions]
-        first_width = result.decisions[0].keep_count[row] if plan.method == "fastervlm" else plan.num_visual
+        first_width = result.decisions[0].keep_count[row] if plan.method == "fastervlm" else visual_counts[row]
         segments = [{"index": 0, "after_layer": None, "visual_width": first_width,
                      "seq_len": result.segment_lengths[0][row]}]
         for index, decision in enumerate(closing, start=1):
@@ -127,14 +131,14 @@ def run_batch(vlm: SparseLlava, samples: Sequence[CalibrationSample], raw_prompt
     images = [s.load_image() for s in samples]
     try:
         inputs = vlm.prepare(images, [s.prompt for s in samples], chat_template=not raw_prompts)
-        batch = make_region_batch(inputs["input_ids"], vlm.spec.image_token_id, vlm.plan.num_visual,
-                                  vlm.spec.pad_token_id)
+        vision_in, counts, batch = build_batch(vlm.spec, inputs["input_ids"], inputs["pixel_values"],
+                                               image_layout(inputs))
     except InputError as error:  # its "prompt N" counts rows of this batch: name the sample instead
         row = re.match(r"prompt (\d+):", str(error))
         where = samples[int(row.group(1))].origin if row else ", ".join(s.origin for s in samples)
         raise CalibrationDataError(f"{where}: {error}") from error
-    result = prefill(vlm.executor, vlm.plan, batch, inputs["pixel_values"])
-    return records_from_prefill(result, vlm.plan, samples)
+    result = prefill(vlm.executor, vlm.plan, batch, vision_in)
+    return records_from_prefill(result, vlm.plan, samples, counts)
 
 
 def _batches(items: list, size: int):

@@ -42,10 +42,9 @@ import torch
 from sparsevlm import __version__
 from sparsevlm.cli import (OptionError, add_method_arguments, add_quiet_flag, add_verbose_flag, command,
                            method_budgets_from_args, method_options_from_args)
-from sparsevlm.methods import modeling
 from sparsevlm.methods.files import atomic_directory, check_output_directory, is_toolkit_output
-from sparsevlm.methods.config import SparseVLMConfig, resolve
-from sparsevlm.methods.generation import TorchExecutor, decode_tokens, make_region_batch, prefill, SamplingParams
+from sparsevlm.methods.config import SparseVLMConfig, resolve_for_spec
+from sparsevlm.methods.generation import TorchExecutor, build_batch, decode_tokens, prefill, SamplingParams
 from sparsevlm.methods.loading import config_sha256, load_model
 from sparsevlm.methods.segments import DecodeStep, PrefillSegment, VisionEncoder, graph_signature, plan_segments
 from sparsevlm.methods.spec import ModelSpec
@@ -79,7 +78,8 @@ class _RecordingExecutor(TorchExecutor):
         self.recorded = {}
 
     def vision(self, pixel_values):
-        self.recorded.setdefault("vision", {"pixel_values": pixel_values})
+        self.recorded.setdefault("vision", pixel_values if isinstance(pixel_values, dict)
+                                 else {"pixel_values": pixel_values})
         return super().vision(pixel_values)
 
     def segment(self, index, inputs):
@@ -107,24 +107,36 @@ class _ShortVisualExecutor(_RecordingExecutor):
 
 def example_visual_tokens(plan) -> int:
     """Visual tokens in the tracing example: enough for every top-k the method runs."""
-    needed = max(EXAMPLE_VISUAL_TOKENS, plan.fastv_keep or 0)
-    available = plan.fastervlm_keep if plan.method == "fastervlm" else plan.num_visual
-    return min(needed, available)
+    needed = max(EXAMPLE_VISUAL_TOKENS, (plan.fastv_keep or 0) if plan.fixed_topk else 0)
+    return min(needed, plan.vision_width)
 
 
-def _example_run(model, plan):
+def example_image_sizes(spec: ModelSpec) -> list[tuple[int, int]]:
+    """Anyres example images: the first pinpoint's size and a narrower one (unpadded), so
+    the two rows have different visual counts. Their few tiles keep the traced CLIP cheap."""
+    height, width = spec.image_grid_pinpoints[0]
+    return [(height, width), (height, max(1, width * 3 // 4))]
+
+
+def _example_run(model, plan, spec: ModelSpec):
     """Two prompts of different lengths through the method; records every graph's inputs."""
     config = model.config
     vocab, image = config.text_config.vocab_size, config.image_token_id
     gen = torch.Generator().manual_seed(0)
     draw = lambda n: [t for t in torch.randint(3, vocab, (2 * n,), generator=gen).tolist() if t != image][:n]
     ids = [[1] + draw(3) + [image] + draw(9), [1] + draw(5) + [image] + draw(6)]
-    size = config.vision_config.image_size
-    pixels = torch.randn(2, 3, size, size, generator=gen).to(model.dtype)
+    if spec.mrope:  # Qwen2.5-VL: two small images of different grids (24 and 12 visual tokens)
+        from sparsevlm.methods.qwen2_5_vl import example_images, layout_config
+        pixels, sizes = example_images(layout_config(spec), dtype=model.dtype)
+    else:
+        size = config.vision_config.image_size
+        sizes = example_image_sizes(spec) if spec.anyres else None
+        tiles = (spec.max_tiles,) if spec.anyres else ()
+        pixels = torch.randn(2, *tiles, 3, size, size, generator=gen).to(model.dtype)
     tokens = example_visual_tokens(plan)
     executor = _ShortVisualExecutor(model, plan, tokens)
-    batch = make_region_batch(ids, image, plan.num_visual, 0)
-    result = prefill(executor, plan, batch, pixels)
+    vision_in, _, batch = build_batch(spec, ids, pixels, sizes, pad_id=0)
+    result = prefill(executor, plan, batch, vision_in)
     for _ in decode_tokens(executor, plan_segments(plan), result, SamplingParams(max_new_tokens=2)):
         pass
     return executor.recorded
@@ -239,12 +251,12 @@ def export_artifact(model, location: str, config: SparseVLMConfig, out: Path, *,
 
     register_schemas()
     spec = ModelSpec.from_hf_config(model.config, processor_dir)  # written into the manifest
-    plan = resolve(config, spec.num_layers, spec.num_visual)
+    plan = resolve_for_spec(config, spec)
     specs = plan_segments(plan)
     out = check_output_directory(out, overwrite, is_artifact)
     started = time.perf_counter()
     with atomic_directory(out, "partial-", overwrite=overwrite, replaceable=is_artifact) as tmp:
-        recorded = _example_run(model, plan)
+        recorded = _example_run(model, plan, spec)
         graphs = [("vision", VisionEncoder(model, plan, ONNX_OPS))]
         graphs += [(f"segment_{s.index}", PrefillSegment(model, plan, s, ONNX_OPS)) for s in specs]
         graphs.append(("decode", DecodeStep(model, specs)))
@@ -263,8 +275,7 @@ def export_artifact(model, location: str, config: SparseVLMConfig, out: Path, *,
         buckets = buckets or profile_lib.default_buckets(plan)
         if len(buckets) != len(plan.prune_layers):
             raise ValueError(f"calibration: {len(buckets)} bucket lists for {len(plan.prune_layers)} pruning layers")
-        vision_width = plan.fastervlm_keep if plan.method == "fastervlm" else plan.num_visual
-        for name, graph_profiles in profile_lib.graph_profiles(plan, len(specs), vision_width, buckets).items():
+        for name, graph_profiles in profile_lib.graph_profiles(plan, len(specs), plan.vision_width, buckets).items():
             table[name]["profiles"] = graph_profiles
         if processor_dir:
             _copy_processor(Path(processor_dir), tmp / "processor")
@@ -326,9 +337,8 @@ def calibration_buckets(path: str | Path, plan, torch_model) -> list:
     """The buckets of a calibration.json checked against this export's model and method
     (sparsevlm.methods.profiles.check_calibration)."""
     from sparsevlm.methods.profiles import check_calibration
-    vision_width = plan.fastervlm_keep if plan.method == "fastervlm" else plan.num_visual
     return check_calibration(load_calibration(path)[0], path, plan.config.to_dict(), config_sha256(torch_model),
-                             len(plan.prune_layers), vision_width, profile_lib.static_widths(plan))
+                             len(plan.prune_layers), plan.vision_width, profile_lib.static_widths(plan))
 
 
 def export(model: str, out: str | Path, method: str = "sparsevlm", variant: str | None = None,
@@ -353,10 +363,10 @@ def export(model: str, out: str | Path, method: str = "sparsevlm", variant: str 
         if len(configs) > 1:
             raise OptionError("--calibration: a calibration holds for one method setting; export one --budget with it")
     torch_model, location = load_model(model, dtype=dtype, random_weights=random_weights)
-    plans = [resolve(config, torch_model.config.text_config.num_hidden_layers, modeling.num_visual_tokens(torch_model))
-             for config in configs]  # every budget is valid before anything is written
-    buckets = calibration_buckets(calibration, plans[0], torch_model) if calibration else None
     processor_dir = location if Path(location).is_dir() else None
+    spec = ModelSpec.from_hf_config(torch_model.config, processor_dir)  # Qwen2.5-VL: its pixel range
+    plans = [resolve_for_spec(config, spec) for config in configs]  # every budget is valid before anything is written
+    buckets = calibration_buckets(calibration, plans[0], torch_model) if calibration else None
     manifests = []
     for config, target in zip(configs, targets):
         manifests.append(export_artifact(torch_model, location, config, target, dtype=dtype, opset=opset,
@@ -387,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(one graph set per budget) plus manifest.json, ready for ONNX Runtime, sparsevlm-build (TensorRT) and "
         "sparsevlm-run."))
     p.add_argument("--model", required=True, help="local HF LLaVA directory, hub id (owner/name), or alias: "
-                   "llava-1.5-7b, llava-1.5-13b, demo (the built-in tiny model)")
+                   "llava-1.5-7b, llava-1.5-13b, llava-v1.6-vicuna-7b, llava-v1.6-vicuna-13b, llava-v1.6-mistral-7b, "
+                   "qwen2.5-vl-3b, qwen2.5-vl-7b, demo (the built-in tiny model)")
     add_method_arguments(p, several_budgets=True)
     p.add_argument("--dtype", default="float32", choices=sorted(EXPORT_DTYPES),
                    help="weights and activations dtype (bfloat16 is not offered: ONNX Runtime has no CPU kernels for it)")

@@ -70,8 +70,11 @@ def read_manifest(artifact: str | Path, verify_files: bool = True) -> dict:
 # The fields a runtime reads, and their JSON types (a manifest is checked against this table
 # before anything uses it, so a hand-edited or foreign manifest fails with the field's name).
 # `model` holds the checkpoint's source and config hash and the ModelSpec (every field an
-# integer; only max_position_embeddings may be null).
-_OPTIONAL_SPEC_FIELDS = {"max_position_embeddings"}
+# integer but these, which may be null or absent: manifests written before the field existed
+# read as LLaVA-1.5).
+_OPTIONAL_SPEC_FIELDS = {"max_position_embeddings": int, "model_type": str, "patch_size": int,
+                         "image_grid_pinpoints": list, "min_visual": int, "spatial_merge_size": int,
+                         "window_size": int, "temporal_patch_size": int}
 _MODEL_FIELDS = {"source": str, "config_sha256": str,
                  **{f.name: int for f in fields(ModelSpec) if f.name not in _OPTIONAL_SPEC_FIELDS}}
 _TOP_FIELDS = {"model": dict, "method": dict, "prune_layers": list, "dtype": str, "segments": list,
@@ -97,9 +100,9 @@ def check_shape(manifest: dict, path: Path) -> None:
         _require(manifest.get(field), kind, field, path)
     for field, kind in _MODEL_FIELDS.items():
         _require(manifest["model"].get(field), kind, f"model.{field}", path)
-    for field in _OPTIONAL_SPEC_FIELDS:
+    for field, kind in _OPTIONAL_SPEC_FIELDS.items():
         if manifest["model"].get(field) is not None:
-            _require(manifest["model"][field], int, f"model.{field}", path)
+            _require(manifest["model"][field], kind, f"model.{field}", path)
     unknown = sorted(set(manifest["method"]) - _METHOD_FIELDS)
     if unknown:
         raise ArtifactError(f"artifact: {path}: method has unknown field(s) {', '.join(unknown)}; "

@@ -20,7 +20,10 @@ DEFAULT_RANK_BUCKETS = 4
 
 def static_widths(plan: PrunePlan) -> list[int] | None:
     """Visual width after each pruning layer when it does not depend on the input (the
-    plan's width rule applied to its fixed keep counts)."""
+    plan's width rule applied to its fixed keep counts). Anyres rows keep counts scaled to
+    their images, so their widths always depend on the input."""
+    if plan.anyres:
+        return None
     if plan.method == "fastv" or (plan.method == "sparsevlm" and plan.variant == "v1.5"):
         widths, v = [], plan.num_visual
         for position in range(len(plan.prune_layers)):
@@ -52,15 +55,30 @@ def graph_profiles(plan: PrunePlan, num_segments: int, vision_width: int, bucket
     up to a bucket's min at most). So segment s >= 1 receives `visual_in` and `seq_in` at
     segment s-1's region width, and its layers cache prefix + region[s] + text tokens, to
     which decoding appends up to MAX_NEW_TOKENS: that bounds `past_len_<s>`.
+
+    Anyres (LLaVA-NeXT): a batch's visual region is as wide as its widest image, so
+    `visual_len` spans the counts the grid pinpoints allow (plan.min_visual..num_visual; from
+    1 after FasterVLM's data-dependent compaction), and the vision graph takes up to
+    `max_tiles` CLIP tiles per row (`tiles`).
     """
     prefix, text = SHARED_RANGES["prefix_len"], SHARED_RANGES["text_len"]
-    shared = {"batch": SHARED_RANGES["batch"], "prefix_len": prefix, "text_len": text}
+    batch = SHARED_RANGES["batch"]
+    shared = {"batch": batch, "prefix_len": prefix, "text_len": text}
     region = [[vision_width] * 3] + [_span(b) for b in buckets]  # one per segment
+    vision = {"batch": batch}
+    if plan.anyres:
+        image_len = [plan.min_visual, vision_width, vision_width]
+        region[0] = [1, vision_width, vision_width] if plan.method == "fastervlm" else image_len
+        vision = {"tiles": [1, plan.max_tiles, batch[2] * plan.max_tiles], "batch": batch, "visual_len": image_len}
+    if plan.mrope:  # Qwen2.5-VL: every image's patches, `patches_per_token` per visual token
+        unit = plan.extras["patches_per_token"]
+        vision = {"patches": [plan.min_visual * unit, vision_width * unit, batch[2] * vision_width * unit],
+                  "batch": batch, "visual_len": image_len}
 
     def sequence(visual: list[int]) -> list[int]:
         return [prefix[i] + visual[i] + text[i] for i in range(3)]
 
-    profiles = {"vision": [{"batch": SHARED_RANGES["batch"]}]}
+    profiles = {"vision": [vision]}
     profiles["segment_0"] = [{**shared, "visual_len": region[0], "seq_in": sequence(region[0])}]
     for index in range(1, num_segments):
         visual_in = region[index - 1]  # the previous segment's output

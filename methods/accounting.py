@@ -27,17 +27,20 @@ def visual_counts_per_layer(num_layers: int, start: int, changes: dict[int, int]
     return inputs, outputs
 
 
-def run_accounting(spec: ModelSpec, text_tokens: list[int], decisions: list, method: str) -> dict:
+def run_accounting(spec: ModelSpec, text_tokens: list[int], decisions: list, method: str,
+                   visual_tokens: list[int] | None = None) -> dict:
     """Per batch row: equal tokens (both conventions), FLOPs pruned and unpruned, for the
     language model `spec` describes (its layers, hidden and MLP widths, visual tokens).
 
     text_tokens: per row, the prompt tokens that are not visual. decisions: the prefill's
-    LayerDecision list (FasterVLM's layer -1 applies before the LLM)."""
+    LayerDecision list (FasterVLM's layer -1 applies before the LLM). visual_tokens: per row,
+    its image's visual count (anyres images differ; default: the spec's num_visual)."""
     num_layers, hidden, intermediate = spec.num_layers, spec.hidden_size, spec.intermediate_size
-    num_visual = spec.num_visual
+    if visual_tokens is None:
+        visual_tokens = [spec.num_visual] * len(text_tokens)
     rows = []
     for row, text in enumerate(text_tokens):
-        start = num_visual
+        num_visual = start = visual_tokens[row]
         changes = {}
         for d in decisions:
             if d.layer < 0:

@@ -17,6 +17,9 @@ SPARSEVLM_VARIANTS = ("v1.5", "v1.0", "paper")
 # SparseVLM v1.5 (ICML code): visual tokens kept by top-k at layers 2 / 6 / 15.
 V15_PRUNE_LAYERS = (2, 6, 15)
 V15_SCHEDULES = {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)}
+# The visual count the v1.5 schedules are written for (LLaVA-1.5's 576); on an image of N
+# visual tokens a schedule keeps round(keep * N / 576) (PrunePlan.keep_count).
+V15_SCHEDULE_TOKENS = 576
 # SparseVLM v1.0 (rank rule, arXiv v1 code): layers and the scripts' (scale, bias) per budget.
 V10_PRUNE_LAYERS = (2, 6, 15, 19)
 V10_PRESETS = {192: (13.5, 0.0), 128: (9.0, 6.0), 64: (0.8, 0.0)}
@@ -82,6 +85,34 @@ class PrunePlan:
     fastervlm_keep: int | None = None  # FasterVLM visual tokens kept before the LLM
     fastv_keep: int | None = None  # FastV visual tokens kept after layer K-1
     extras: dict = field(default_factory=dict)
+    # Anyres (LLaVA-NeXT): each row has its own visual count N (num_visual is then the most
+    # an image can have). Keep counts are scaled to N per row (`keep_count`), FasterVLM keeps
+    # `fastervlm_keep` per CLIP tile, and FastV prunes through the keep-count path.
+    anyres: bool = False
+    tile_tokens: int | None = None  # visual tokens of one CLIP tile (FasterVLM's per-tile top-k)
+    min_visual: int | None = None  # anyres: a lower bound of a row's visual count
+    max_tiles: int = 1  # CLIP tiles one image can take
+    # Qwen2.5-VL (also `anyres`: visual counts per row): mRoPE positions [B, S, 3] travel
+    # through every segment and pruning keeps each token's own (docs/qwen2_5_vl.md).
+    mrope: bool = False
+
+    @property
+    def vision_width(self) -> int:
+        """The widest visual region segment 0 receives: FasterVLM's k on LLaVA-1.5, else the
+        most visual tokens an image has (anyres FasterVLM rows keep data-dependent counts)."""
+        return self.fastervlm_keep if self.method == "fastervlm" and not self.anyres else self.num_visual
+
+    @property
+    def carries_positions(self) -> bool:
+        """Segments take and give the position ids (FastV keeps the original ones; mRoPE
+        models keep them for every method) instead of renumbering the tokens."""
+        return self.method == "fastv" or self.mrope
+
+    @property
+    def fixed_topk(self) -> bool:
+        """FastV prunes with TopKTokenSelect's static k (every row keeps the same count);
+        anyres rows keep different counts, so FastV there takes the keep-count path."""
+        return self.method == "fastv" and not self.anyres
 
     @property
     def method(self) -> str:
@@ -99,12 +130,24 @@ class PrunePlan:
     def recycles(self) -> bool:
         return self.method == "sparsevlm" and self.config.recycle
 
-    def keep_count(self, layer_position: int, visual_count: int, rank: int | None) -> int:
-        """Visual tokens the top-k keeps at the `layer_position`-th prune layer (SparseVLM, FastV)."""
+    def keep_count(self, layer_position: int, visual_count: int, rank: int | None,
+                   image_tokens: int | None = None) -> int:
+        """Visual tokens the top-k keeps at the `layer_position`-th prune layer (SparseVLM, FastV),
+        of `visual_count` entering it, for a row whose image has `image_tokens` visual tokens
+        (default: num_visual, LLaVA-1.5's fixed 576).
+
+        The fixed counts are written for `reference_tokens` (576) and scale with the image:
+        FastV keeps round(N * (1 - R)); the SparseVLM v1.5 schedule keeps
+        round(schedule_l * N / 576) (this toolkit's definition for N != 576, e.g. budget 128 on
+        a 2880-token image keeps 640, 220, 72). With N = 576 both are the published counts."""
+        image_tokens = self.num_visual if image_tokens is None else image_tokens
         if self.method == "fastv":
-            return min(self.fastv_keep, visual_count)
+            R = self.config.R
+            target = self.fastv_keep if R is None else round(image_tokens * (1.0 - R))
+            return min(target, visual_count)
         if self.variant == "v1.5":
-            return min(self.schedule[layer_position], visual_count - 1)
+            scaled = round(self.schedule[layer_position] * image_tokens / V15_SCHEDULE_TOKENS)
+            return min(scaled, visual_count - 1)
         if self.variant == "v1.0":
             if visual_count == rank:  # the authors skip the layer: nothing pruned or recycled
                 return visual_count
@@ -118,7 +161,7 @@ class PrunePlan:
         (recycled) ones SparseVLM inserts; FastV's TopKTokenSelect has the static width k.
         A batch runs at the max over its rows; export's static widths, calibration's
         per-sample widths and the generation loop all call this."""
-        if self.method == "fastv":
+        if self.fixed_topk:
             return self.fastv_keep
         return keep + self.recycled_count(visual_count, keep)
 
@@ -136,6 +179,8 @@ class PrunePlan:
                 out.update(scale=self.scale, bias=self.bias, lam=self.lam)
         elif c.method == "fastervlm":
             out.update(budget=self.fastervlm_keep, k=self.fastervlm_keep)
+            if self.anyres:
+                out["per_tile"] = True  # k per CLIP tile; image newlines are always kept
         elif c.method == "fastv":
             out.update(budget=self.fastv_keep, K=c.K, R=self.extras["R"])
         return out
@@ -146,9 +191,29 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def resolve(config: SparseVLMConfig, num_layers: int, num_visual: int = 576) -> PrunePlan:
+def resolve_for_spec(config: SparseVLMConfig, spec) -> PrunePlan:
+    """`resolve` for the model a ModelSpec describes (LLaVA-1.5, anyres LLaVA-NeXT or
+    Qwen2.5-VL, whose images also have their own visual counts)."""
+    if spec.mrope:
+        from .qwen2_5_vl import check_method
+        check_method(config)
+        plan = resolve(config, spec.num_layers, spec.num_visual, anyres=True, tile_tokens=spec.num_visual,
+                       min_visual=spec.min_visual, mrope=True)
+        plan.extras["patches_per_token"] = spec.spatial_merge_size ** 2  # the vision graph's patches
+        return plan
+    if not spec.anyres:
+        return resolve(config, spec.num_layers, spec.num_visual)
+    return resolve(config, spec.num_layers, spec.num_visual, anyres=True, tile_tokens=spec.tile_tokens,
+                   min_visual=spec.min_visual, max_tiles=spec.max_tiles)
+
+
+def resolve(config: SparseVLMConfig, num_layers: int, num_visual: int = 576, *, anyres: bool = False,
+            tile_tokens: int | None = None, min_visual: int | None = None, max_tiles: int = 1,
+            mrope: bool = False) -> PrunePlan:
     """Check `config` against a model with `num_layers` decoder layers and `num_visual`
-    visual tokens, and return the concrete plan."""
+    visual tokens (anyres: the most an image can have, `tile_tokens` per CLIP tile), and
+    return the concrete plan."""
+    model = dict(anyres=anyres, tile_tokens=tile_tokens, min_visual=min_visual, max_tiles=max_tiles, mrope=mrope)
     c = config
     _require(c.method in METHODS, f"method: expected one of {METHODS}, got {c.method!r}")
     if c.budget is not None:
@@ -159,17 +224,22 @@ def resolve(config: SparseVLMConfig, num_layers: int, num_visual: int = 576) -> 
                  f"budget: {c.budget} is larger than the model's {num_visual} visual tokens")
 
     if c.method == "none":
-        return PrunePlan(c, num_layers, num_visual)
+        return PrunePlan(c, num_layers, num_visual, **model)
 
     if c.method == "fastervlm":
         _require((c.budget is None) != (c.reduction is None),
                  "fastervlm: give exactly one of budget (tokens kept) or reduction (0.75/0.90/0.95)")
+        # Anyres: the top-k runs per CLIP tile (the base image and each grid tile), so the
+        # budget is per tile and the reduction applies to a tile's tokens.
+        per_image = tile_tokens if anyres else num_visual
         if c.reduction is not None:
             _require(0.0 <= c.reduction < 1.0, f"reduction: expected a value in [0, 1), got {c.reduction!r}")
-            keep = round(num_visual * (1.0 - c.reduction))
+            keep = round(per_image * (1.0 - c.reduction))
         else:
+            _require(c.budget <= per_image, f"budget: FasterVLM keeps at most the {per_image} tokens of a tile, "
+                                            f"got {c.budget}")
             keep = c.budget
-        return PrunePlan(c, num_layers, num_visual, fastervlm_keep=keep)
+        return PrunePlan(c, num_layers, num_visual, **model, fastervlm_keep=keep)
 
     if c.method == "fastv":
         _require(isinstance(c.K, int) and 1 <= c.K < num_layers,
@@ -180,7 +250,7 @@ def resolve(config: SparseVLMConfig, num_layers: int, num_visual: int = 576) -> 
             keep, ratio = round(num_visual * (1.0 - c.R)), c.R
         else:
             keep, ratio = c.budget, 1.0 - c.budget / num_visual
-        return PrunePlan(c, num_layers, num_visual, prune_layers=(c.K - 1,), fastv_keep=keep,
+        return PrunePlan(c, num_layers, num_visual, **model, prune_layers=(c.K - 1,), fastv_keep=keep,
                          extras={"R": ratio})
 
     # SparseVLM
@@ -202,14 +272,14 @@ def resolve(config: SparseVLMConfig, num_layers: int, num_visual: int = 576) -> 
         schedule = V15_SCHEDULES[c.budget]
         _require(len(schedule) == len(layers),
                  f"prune_layers: the v1.5 schedule has {len(schedule)} layers, got {len(layers)}")
-        return PrunePlan(c, num_layers, num_visual, prune_layers=layers, schedule=schedule)
+        return PrunePlan(c, num_layers, num_visual, **model, prune_layers=layers, schedule=schedule)
     if variant == "v1.0":
         scale, bias = c.scale, c.bias
         if scale is None or bias is None:
             _require(c.budget in V10_PRESETS,
                      f"sparsevlm v1.0: give scale and bias, or a budget with a preset {sorted(V10_PRESETS)}")
             scale, bias = V10_PRESETS[c.budget]
-        return PrunePlan(c, num_layers, num_visual, prune_layers=layers, scale=scale, bias=bias)
+        return PrunePlan(c, num_layers, num_visual, **model, prune_layers=layers, scale=scale, bias=bias)
     _require(c.lam is not None and 0.0 < c.lam <= 1.0,
              f"lam: the paper rule needs 0 < lam <= 1, got {c.lam!r}")
-    return PrunePlan(c, num_layers, num_visual, prune_layers=layers, lam=c.lam)
+    return PrunePlan(c, num_layers, num_visual, **model, prune_layers=layers, lam=c.lam)

@@ -39,6 +39,8 @@ class RegionBatch:
     text_ids: torch.Tensor  # [B, T] right-padded
     text_valid: torch.Tensor
     prompt_lengths: list[int]  # tokens per row with the image expanded to its visual tokens
+    visual_counts: list[int] = field(default_factory=list)  # visual tokens per row (its image's)
+    positions: torch.Tensor | None = None  # mRoPE models: [B, P + V + T, 3] ids (qwen2_5_vl.region_positions)
 
 
 def _image_span(ids: list[int], image_token_id: int, num_visual: int, row: int) -> tuple[int, int]:
@@ -55,15 +57,18 @@ def _image_span(ids: list[int], image_token_id: int, num_visual: int, row: int) 
     return start, start + count
 
 
-def make_region_batch(input_ids: list[list[int]], image_token_id: int, num_visual: int,
+def make_region_batch(input_ids: list[list[int]], image_token_id: int, num_visual: int | list[int],
                       pad_id: int = 0) -> RegionBatch:
     """Split each prompt at its image (one placeholder, or the processor's expanded run of
-    `num_visual` image tokens) into a left-padded prefix and a right-padded text."""
+    `num_visual` image tokens: one count for every row, or one per row for anyres images)
+    into a left-padded prefix and a right-padded text."""
     if not input_ids:
         raise InputError("input_ids: expected at least one prompt")
+    counts = list(num_visual) if isinstance(num_visual, (list, tuple)) else [num_visual] * len(input_ids)
     prefixes, texts, lengths = [], [], []
     for row, ids in enumerate(input_ids):
         ids = [int(t) for t in ids]
+        num_visual = counts[row]
         start, stop = _image_span(ids, image_token_id, num_visual, row)
         if stop == len(ids):
             raise InputError(f"prompt {row}: nothing follows the image; SparseVLM's raters and the "
@@ -84,7 +89,7 @@ def make_region_batch(input_ids: list[list[int]], image_token_id: int, num_visua
             prefix_valid[row, prefix_width - len(prefix):] = True
         text_ids[row, :len(text)] = torch.tensor(text)
         text_valid[row, :len(text)] = True
-    return RegionBatch(prefix_ids, prefix_valid, text_ids, text_valid, lengths)
+    return RegionBatch(prefix_ids, prefix_valid, text_ids, text_valid, lengths, counts)
 
 
 def check_pixel_values(pixel_values: torch.Tensor, image_size: int, batch: int) -> None:
@@ -114,7 +119,9 @@ class TorchExecutor:
 
     @torch.inference_mode()
     def vision(self, pixel_values):
-        return self._vision({"pixel_values": pixel_values.to(self.device)})
+        """pixel_values: a tensor, or (anyres) the dict of named vision inputs."""
+        inputs = pixel_values if isinstance(pixel_values, dict) else {"pixel_values": pixel_values}
+        return self._vision(self._to_device(inputs))
 
     @torch.inference_mode()
     def segment(self, index: int, inputs: dict) -> dict:
@@ -164,43 +171,84 @@ class PrefillResult:
     profile_choices: list = field(default_factory=list)  # per pruned segment: what the width policy returned
 
 
-def _keep_decisions(plan: PrunePlan, position: int, out: dict, rater_mask):
-    """Rank (rank rules) and keep count per row after the `position`-th pruning layer."""
+def _keep_decisions(plan: PrunePlan, position: int, out: dict, rater_mask, image_tokens: list[int]):
+    """Rank (rank rules) and keep count per row after the `position`-th pruning layer
+    (`image_tokens`: each row's visual count before any pruning)."""
     visual_valid = out["visual_valid"]
     counts = visual_valid.sum(dim=1).tolist()
     if not plan.uses_rank:
-        return counts, [None] * len(counts), [plan.keep_count(position, v, None) for v in counts]
+        return counts, [None] * len(counts), [plan.keep_count(position, v, None, n)
+                                              for v, n in zip(counts, image_tokens)]
     ranks, keeps = token_ops.rank_keep_count(out["rater_attention"].float().cpu(), rater_mask.cpu(), visual_valid.cpu(),
                                              lambda rank, v: plan.keep_count(position, v, rank))
     return counts, ranks.tolist(), keeps.tolist()
 
 
-def prefill(executor, plan: PrunePlan, batch: RegionBatch, pixel_values: torch.Tensor,
+def _anyres_visual(plan: PrunePlan, vision: dict, image_valid: torch.Tensor, decisions: list):
+    """The visual region of anyres rows from the vision graph's packed features: (visual
+    [B, W, D], its validity, each row's token ids, each row's visual count N). FasterVLM's
+    rows keep different counts, so they are compacted here with TokenPrune's reference (kept
+    tokens first, in packed order; the decision is recorded as layer -1)."""
+    features = vision["features"]
+    # The exporter's short example keeps only the first tokens of each row.
+    valid = image_valid[:, :features.shape[1]].to(features.device)
+    counts = valid.sum(dim=1).tolist()
+    if plan.method != "fastervlm":
+        return features, valid, [list(range(n)) for n in counts], counts
+    kept_mask = vision["kept_mask"].to(features.device).bool() & valid
+    keeps = kept_mask.sum(dim=1)
+    visual, valid, source = token_ops.token_prune(features, torch.zeros(kept_mask.shape, device=features.device),
+                                                  kept_mask, keeps, features[:, :0], kept_mask[:, :0],
+                                                  int(keeps.max()))
+    kept = [[s for s in row if s >= 0] for row in source.cpu().tolist()]
+    rows = len(counts)
+    decisions.append(LayerDecision(-1, kept, [len(k) for k in kept], [None] * rows, [0] * rows, counts,
+                                   visual.shape[1]))
+    return visual, valid, [list(k) for k in kept], counts
+
+
+def prefill(executor, plan: PrunePlan, batch: RegionBatch, pixel_values: torch.Tensor | dict,
             width_policy: Callable[[int, int], ProfileChoice] | None = None) -> PrefillResult:
     """Vision + prefill segments. Between segments, picks each row's keep count and the next
     visual width W = max over rows of `plan.region_width` (kept + recycled). The loop owns W:
     `width_policy(segment, W)` (a pure function, e.g. the runtime's profile rule) says the
     width to run (`padded_width` >= W, the padding masked); its answers come back in
-    `PrefillResult.profile_choices`. Without a policy, W is run as is."""
+    `PrefillResult.profile_choices`. Without a policy, W is run as is.
+
+    pixel_values: [B, 3, H, W], or for anyres models the vision inputs
+    `anyres.vision_inputs` prepares (tiles, image_index, image_valid)."""
     specs: list[SegmentSpec] = plan_segments(plan)
     timings = {}
     t0 = time.perf_counter()
     vision = executor.vision(pixel_values)
     timings["vision"] = time.perf_counter() - t0
     rows = batch.prefix_ids.shape[0]
-    num_visual = vision["visual"].shape[1]
     decisions: list[LayerDecision] = []
-    if plan.method == "fastervlm":
+    if plan.anyres:
+        visual, image_valid, visual_ids, image_tokens = _anyres_visual(plan, vision, pixel_values["image_valid"],
+                                                                       decisions)
+    elif plan.method == "fastervlm":
+        visual = vision["visual"]
         kept = vision["kept_indices"].cpu().tolist()
         decisions.append(LayerDecision(-1, kept, [len(k) for k in kept], [None] * rows, [0] * rows,
                                        [plan.num_visual] * rows, len(kept[0])))
         visual_ids = [list(k) for k in kept]
+        image_tokens = [plan.num_visual] * rows
     else:
-        visual_ids = [list(range(num_visual)) for _ in range(rows)]
-    next_id = [plan.num_visual] * rows  # recycled tokens take ids 576, 577, ... per row
+        visual = vision["visual"]
+        visual_ids = [list(range(visual.shape[1])) for _ in range(rows)]
+        image_tokens = [plan.num_visual] * rows
+    num_visual = visual.shape[1]
+    # A row's visual tokens are 0..N-1 (N: its image's count, 576 for LLaVA-1.5); recycled
+    # tokens take N, N+1, ... per row.
+    next_id = list(image_tokens)
 
-    inputs = {"prefix_ids": batch.prefix_ids, "prefix_valid": batch.prefix_valid, "visual": vision["visual"],
+    inputs = {"prefix_ids": batch.prefix_ids, "prefix_valid": batch.prefix_valid, "visual": visual,
               "text_ids": batch.text_ids, "text_valid": batch.text_valid}
+    if plan.anyres:
+        inputs["image_valid"] = image_valid
+    if plan.mrope:
+        inputs["positions"] = batch.positions
     caches, lengths, widths = [], [], []
     rater_mask = None
     choices: list[ProfileChoice] = []
@@ -212,7 +260,7 @@ def prefill(executor, plan: PrunePlan, batch: RegionBatch, pixel_values: torch.T
             inputs = {"hidden": prev["hidden"], "prefix_valid": batch.prefix_valid,
                       "visual_valid": prev["visual_valid"], "text_valid": batch.text_valid,
                       "scores": prev["scores"]}
-            counts, ranks, keeps = _keep_decisions(plan, position, prev, rater_mask)
+            counts, ranks, keeps = _keep_decisions(plan, position, prev, rater_mask, image_tokens)
             recycled = [plan.recycled_count(v, k) for v, k in zip(counts, keeps)]
             width = max(plan.region_width(v, k) for v, k in zip(counts, keeps))
             if width_policy is not None:
@@ -222,8 +270,13 @@ def prefill(executor, plan: PrunePlan, batch: RegionBatch, pixel_values: torch.T
             if plan.method == "sparsevlm":
                 inputs.update(rater_mask=rater_mask, keep_count=torch.tensor(keeps, dtype=torch.long),
                               visual_width=torch.zeros(width, dtype=torch.long))
-            else:  # fastv: TopKTokenSelect's k is fixed in the graph
+                if plan.mrope:
+                    inputs["positions"] = prev["positions"]
+            else:  # fastv: TopKTokenSelect's k is fixed in the graph (anyres: keep counts per row)
                 inputs["positions"] = prev["positions"]
+                if not plan.fixed_topk:
+                    inputs.update(keep_count=torch.tensor(keeps, dtype=torch.long),
+                                  visual_width=torch.zeros(width, dtype=torch.long))
             decision = LayerDecision(plan.prune_layers[position], [], keeps, ranks, recycled, counts, width)
         out = executor.segment(spec.index, inputs)
         if spec.index == 0 and "rater_mask" in out:
@@ -372,18 +425,57 @@ class GenerationOutput:
     profiles: list = field(default_factory=list)  # per pruned segment: the width policy's choice (to_json)
 
 
+def visual_inputs(spec: ModelSpec, pixel_values: torch.Tensor, image_sizes, batch: int):
+    """(what the vision graph takes, each row's visual count): the pixel values as they are
+    with num_visual per row, or for anyres models the tiles and layout of `anyres.vision_inputs`."""
+    if spec.mrope:  # Qwen2.5-VL: `image_sizes` holds the processor's image_grid_thw
+        from .qwen2_5_vl import layout_config, vision_inputs
+        if image_sizes is None or len(image_sizes) != batch:
+            raise InputError(f"image_grid_thw: a Qwen2.5-VL model needs each image's patch grid (the processor's "
+                             f"`image_grid_thw`, from prepare()), one per prompt ({batch})")
+        inputs, layout = vision_inputs(pixel_values, image_sizes, layout_config(spec))
+        return inputs, list(layout.tokens_per_image)
+    if not spec.anyres:
+        check_pixel_values(pixel_values, spec.image_size, batch)
+        return pixel_values, [spec.num_visual] * batch
+    from .anyres import vision_inputs
+    return vision_inputs(spec, pixel_values, image_sizes)
+
+
+def build_batch(spec: ModelSpec, input_ids: list[list[int]], pixel_values, image_sizes, pad_id: int | None = None):
+    """(the vision graph's inputs, each row's visual count, the region batch) of one batch:
+    what `prefill` takes. `image_sizes`: LLaVA-NeXT's (height, width) per image, Qwen2.5-VL's
+    image_grid_thw (`inputs.image_layout` reads either from prepare()'s output)."""
+    vision_in, counts = visual_inputs(spec, pixel_values, image_sizes, len(input_ids))
+    batch = make_region_batch(input_ids, spec.image_token_id, counts, spec.pad_token_id if pad_id is None else pad_id)
+    if spec.mrope:
+        batch = mrope_region_batch(batch, spec, image_sizes)
+    return vision_in, counts, batch
+
+
+def mrope_region_batch(batch: RegionBatch, spec: ModelSpec, image_grid_thw) -> RegionBatch:
+    """`batch` with the mRoPE ids of its regions (Qwen2.5-VL; docs/qwen2_5_vl.md)."""
+    from dataclasses import replace
+    from .qwen2_5_vl import llm_grids, region_positions
+    positions, _ = region_positions(batch.prefix_valid, llm_grids(image_grid_thw, spec.spatial_merge_size),
+                                    max(batch.visual_counts), batch.text_valid)
+    return replace(batch, positions=positions)
+
+
 def generate(executor, plan: PrunePlan, input_ids: list[list[int]], pixel_values: torch.Tensor, *,
              spec: ModelSpec, params: SamplingParams, on_token: Callable[[int, torch.Tensor], None] | None = None,
-             width_policy: Callable[[int, int], ProfileChoice] | None = None) -> GenerationOutput:
+             width_policy: Callable[[int, int], ProfileChoice] | None = None, image_sizes=None) -> GenerationOutput:
     """Run the method end to end on `executor` for the model `spec` describes (image token,
     image size, pad id; the accounting's layer shapes). `on_token(step, tokens[B])` streams
     tokens; `width_policy` as in `prefill` (its choices are returned in `profiles`). Keeps no
-    state between calls, so concurrent calls on one executor are independent."""
+    state between calls, so concurrent calls on one executor are independent. Anyres
+    (LLaVA-NeXT) models take pixel_values [B, tiles, 3, S, S] and each image's (height, width)
+    in `image_sizes`, as the processor gives them; Qwen2.5-VL takes every image's patches
+    [N, 3 * T * P * P] and its `image_grid_thw` in `image_sizes`."""
     from .accounting import run_accounting
 
-    batch = make_region_batch(input_ids, spec.image_token_id, plan.num_visual, spec.pad_token_id)
-    check_pixel_values(pixel_values, spec.image_size, len(input_ids))
-    result = prefill(executor, plan, batch, pixel_values, width_policy)
+    vision_in, counts, batch = build_batch(spec, input_ids, pixel_values, image_sizes)
+    result = prefill(executor, plan, batch, vision_in, width_policy)
     steps = []
     t0 = time.perf_counter()
     for step, tokens in enumerate(decode_tokens(executor, plan_segments(plan), result, params, spec.pad_token_id)):
@@ -393,6 +485,6 @@ def generate(executor, plan: PrunePlan, input_ids: list[list[int]], pixel_values
     timings = dict(result.timings, decode=time.perf_counter() - t0, decode_steps=len(steps))
     sequences = torch.stack(steps, dim=1)
     trace = make_trace(plan, result, sequences.tolist())
-    text_tokens = [length - plan.num_visual for length in batch.prompt_lengths]
-    accounting = run_accounting(spec, text_tokens, result.decisions, plan.method)
+    text_tokens = [length - count for length, count in zip(batch.prompt_lengths, counts)]
+    accounting = run_accounting(spec, text_tokens, result.decisions, plan.method, counts)
     return GenerationOutput(sequences, trace, accounting, timings, [c.to_json() for c in result.profile_choices])

@@ -245,19 +245,22 @@ class InputBounds:
     pixel_range: per channel (low, high) of processor-normalised pixel values."""
 
     image_token_id: int
-    num_visual: int
+    num_visual: int  # anyres: the most visual tokens an image can have
     vocab_size: int | None = None
     max_positions: int | None = None
     max_prefix_tokens: int | None = None
     max_text_tokens: int | None = None
     max_new_tokens: int | None = None
     pixel_range: tuple[tuple[float, float], ...] | None = None
+    anyres: bool = False  # LLaVA-NeXT: pixel values are [B, tiles, 3, S, S], visual counts per image
+    flat_patches: bool = False  # Qwen2.5-VL: pixel values are every image's patches [N, 3 * T * P * P]
 
     @classmethod
     def from_spec(cls, spec, processor=None) -> "InputBounds":
         """Bounds of a PyTorch model from its ModelSpec: vocabulary and positions (no profiles)."""
         return cls(image_token_id=spec.image_token_id, num_visual=spec.num_visual, vocab_size=spec.vocab_size,
-                   max_positions=spec.max_position_embeddings, pixel_range=pixel_range(processor))
+                   max_positions=spec.max_position_embeddings, pixel_range=pixel_range(processor),
+                   anyres=spec.anyres, flat_patches=spec.mrope)
 
     @classmethod
     def from_manifest(cls, manifest: dict, processor=None) -> "InputBounds":
@@ -277,7 +280,8 @@ class InputBounds:
         spec = ModelSpec.from_json(manifest["model"])
         return cls(image_token_id=spec.image_token_id, num_visual=spec.num_visual, vocab_size=spec.vocab_size,
                    max_positions=spec.max_position_embeddings, max_prefix_tokens=prefix, max_text_tokens=text,
-                   max_new_tokens=new_tokens, pixel_range=pixel_range(processor))
+                   max_new_tokens=new_tokens, pixel_range=pixel_range(processor), anyres=spec.anyres,
+                   flat_patches=spec.mrope)
 
     # ----------------------------------------------------------------------------------
     @property
@@ -306,6 +310,7 @@ class InputBounds:
             if not image:
                 continue  # the generation loop names a missing image token
             prefix, text = image[0], len(ids) - image[-1] - 1
+            visual = len(image) if len(image) > 1 else self.num_visual  # an expanded run tells its count
             if self.max_prefix_tokens is not None and prefix > self.max_prefix_tokens:
                 raise InputError(f"prompt {row}: {prefix} tokens before the image; the artifact's profiles allow at "
                                  f"most {self.max_prefix_tokens} (prefix_len)")
@@ -313,9 +318,9 @@ class InputBounds:
                 raise InputError(f"prompt {row}: {text} tokens after the image (the question and the chat "
                                  f"template's tail); the artifact's profiles allow at most {self.max_text_tokens} "
                                  "(text_len): shorten the prompt")
-            total = prefix + self.num_visual + text + max_new_tokens
+            total = prefix + visual + text + max_new_tokens
             if self.max_positions is not None and total > self.max_positions:
-                raise InputError(f"prompt {row}: {prefix + text} text tokens + {self.num_visual} visual tokens + "
+                raise InputError(f"prompt {row}: {prefix + text} text tokens + {visual} visual tokens + "
                                  f"{max_new_tokens} new tokens = {total} positions; the model has "
                                  f"{self.max_positions} (shorten the prompt or lower max_new_tokens)")
 
@@ -372,12 +377,23 @@ class InputBounds:
         return rows
 
     def check_pixel_values(self, pixel_values, batch: int, image_size: int) -> None:
-        """A float tensor [batch, 3, size, size] of finite, processor-normalised values."""
+        """A float tensor [batch, 3, size, size] (anyres: [batch, tiles, 3, size, size]) of
+        finite, processor-normalised values."""
         expected = (batch, 3, image_size, image_size)
         if not isinstance(pixel_values, torch.Tensor):
             raise InputError(f"pixel_values: expected a torch tensor of shape {expected} (from prepare()), got "
                              f"{_describe(pixel_values)}")
-        if tuple(pixel_values.shape) != expected:
+        if self.flat_patches:  # the patch count follows from the grids (qwen2_5_vl.vision_inputs)
+            if pixel_values.dim() != 2 or pixel_values.shape[1] % 3:
+                raise InputError("pixel_values: expected every image's flattened patches [patches, 3 * frames * "
+                                 f"patch * patch] (from prepare()), got {tuple(pixel_values.shape)}")
+            pixel_values = pixel_values.reshape(pixel_values.shape[0], 3, -1)  # channel-major patches
+        elif self.anyres:  # each row's tile count follows from its image size (anyres.check_tiles)
+            if pixel_values.dim() != 5 or pixel_values.shape[0] != batch \
+                    or tuple(pixel_values.shape[2:]) != (3, image_size, image_size):
+                raise InputError(f"pixel_values: expected shape ({batch}, tiles, 3, {image_size}, {image_size}) "
+                                 f"(each image's CLIP tiles, from prepare()), got {tuple(pixel_values.shape)}")
+        elif tuple(pixel_values.shape) != expected:
             raise InputError(f"pixel_values: expected shape {expected} (one image per prompt), got "
                              f"{tuple(pixel_values.shape)}")
         if not pixel_values.is_floating_point():
@@ -391,7 +407,7 @@ class InputBounds:
         if self.pixel_range is None:
             return
         for channel, (low, high) in enumerate(self.pixel_range):
-            plane = values[:, channel]
+            plane = values[:, channel] if values.dim() in (3, 4) else values[:, :, channel]
             outside = ((plane < low - PIXEL_TOLERANCE) | (plane > high + PIXEL_TOLERANCE)).flatten(1).any(dim=1)
             if bool(outside.any()):
                 row = int(outside.nonzero()[0])
@@ -420,7 +436,8 @@ def pixel_range(processor=None) -> tuple[tuple[float, float], ...]:
 
 def prepare_inputs(processor, images, prompts: list[str], chat_template: bool = True,
                    bounds: InputBounds | None = None, max_new_tokens: int | None = None) -> dict:
-    """{"input_ids": list of id lists, "pixel_values": [B, 3, H, W]} for one image per prompt.
+    """{"input_ids": list of id lists, "pixel_values": [B, 3, H, W]} for one image per prompt
+    (LLaVA-NeXT: pixel_values [B, tiles, 3, H, W] and "image_sizes" [B, 2], the processor's).
 
     With `chat_template`, each prompt is the user's question and the image goes first, as
     LLaVA-1.5's template puts it; without it, prompts must contain the image placeholder.
@@ -447,7 +464,18 @@ def prepare_inputs(processor, images, prompts: list[str], chat_template: bool = 
     ids = [row[mask.bool()].tolist() for row, mask in zip(encoded["input_ids"], encoded["attention_mask"])]
     if bounds is not None:
         bounds.check_lengths(ids, 1 if max_new_tokens is None else max_new_tokens)
-    return {"input_ids": ids, "pixel_values": encoded["pixel_values"]}
+    out = {"input_ids": ids, "pixel_values": encoded["pixel_values"]}
+    if "image_sizes" in encoded:  # LLaVA-NeXT: each image's (height, width), for its tile layout
+        out["image_sizes"] = encoded["image_sizes"]
+    if "image_grid_thw" in encoded:  # Qwen2.5-VL: each image's patch grid
+        out["image_grid_thw"] = encoded["image_grid_thw"]
+    return out
+
+
+def image_layout(inputs: dict):
+    """What the generation loop needs besides the pixels to lay images out, from
+    `prepare_inputs`' output: LLaVA-NeXT's `image_sizes`, Qwen2.5-VL's `image_grid_thw`, else None."""
+    return inputs.get("image_sizes", inputs.get("image_grid_thw"))
 
 
 def _as_list(values, name: str) -> list:

@@ -21,6 +21,11 @@ from .modeling import check_architecture
 ALIASES = {
     "llava-1.5-7b": "llava-hf/llava-1.5-7b-hf",
     "llava-1.5-13b": "llava-hf/llava-1.5-13b-hf",
+    "llava-v1.6-vicuna-7b": "llava-hf/llava-v1.6-vicuna-7b-hf",
+    "llava-v1.6-vicuna-13b": "llava-hf/llava-v1.6-vicuna-13b-hf",
+    "llava-v1.6-mistral-7b": "llava-hf/llava-v1.6-mistral-7b-hf",
+    "qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct",
+    "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct",
 }
 DEMO_ALIASES = ("demo", "sparsevlm-demo")
 # The published llava-hf configs (config.json of each repository; Llama fields not listed
@@ -32,6 +37,10 @@ _LLAVA_15 = {"model_type": "llava", "image_token_index": 32000, "pad_token_id": 
              "vision_config": {"model_type": "clip_vision_model", "hidden_size": 1024, "image_size": 336,
                                "intermediate_size": 4096, "num_attention_heads": 16, "num_hidden_layers": 24,
                                "patch_size": 14, "projection_dim": 768}}
+# LLaVA-NeXT (v1.6): the same CLIP tower, anyres tiles on these grid pinpoints (height, width).
+_LLAVA_16 = {**{k: v for k, v in _LLAVA_15.items() if k not in ("pad_token_id", "image_seq_length")},
+             "model_type": "llava_next", "use_image_newline_parameter": True,
+             "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]}
 KNOWN_CONFIGS = {
     "llava-hf/llava-1.5-7b-hf": {**_LLAVA_15, "text_config": {
         "model_type": "llama", "vocab_size": 32064, "max_position_embeddings": 4096, "rms_norm_eps": 1e-05}},
@@ -39,7 +48,43 @@ KNOWN_CONFIGS = {
         "model_type": "llama", "vocab_size": 32064, "max_position_embeddings": 4096, "rms_norm_eps": 1e-05,
         "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40, "num_attention_heads": 40,
         "num_key_value_heads": 40}},
+    "llava-hf/llava-v1.6-vicuna-7b-hf": {**_LLAVA_16, "text_config": {
+        "model_type": "llama", "vocab_size": 32064, "max_position_embeddings": 4096, "rms_norm_eps": 1e-05,
+        "pad_token_id": 0}},
+    "llava-hf/llava-v1.6-vicuna-13b-hf": {**_LLAVA_16, "text_config": {
+        "model_type": "llama", "vocab_size": 32064, "max_position_embeddings": 4096, "rms_norm_eps": 1e-05,
+        "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40, "num_attention_heads": 40,
+        "num_key_value_heads": 40, "pad_token_id": 0}},
+    "llava-hf/llava-v1.6-mistral-7b-hf": {**_LLAVA_16, "text_config": {
+        "model_type": "mistral", "vocab_size": 32064, "max_position_embeddings": 32768, "rms_norm_eps": 1e-05,
+        "intermediate_size": 14336, "num_key_value_heads": 8, "rope_theta": 1000000.0, "sliding_window": None}},
 }
+# The published Qwen2.5-VL-Instruct configs (config.json of each repository, flat as shipped;
+# Qwen2_5_VLConfig moves the text fields into its text_config).
+_QWEN2_5_VL = {"model_type": "qwen2_5_vl", "bos_token_id": 151643, "eos_token_id": 151645,
+               "vision_start_token_id": 151652, "vision_end_token_id": 151653, "vision_token_id": 151654,
+               "image_token_id": 151655, "video_token_id": 151656, "hidden_act": "silu", "attention_dropout": 0.0,
+               "max_position_embeddings": 128000, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+               "sliding_window": 32768, "use_sliding_window": False,
+               "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}}
+_QWEN2_5_VL_VISION = {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
+                      "num_heads": 16, "in_chans": 3, "patch_size": 14, "spatial_merge_size": 2,
+                      "spatial_patch_size": 14, "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31],
+                      "tokens_per_second": 2, "temporal_patch_size": 2}
+KNOWN_CONFIGS.update({
+    "Qwen/Qwen2.5-VL-3B-Instruct": {
+        **_QWEN2_5_VL, "hidden_size": 2048, "intermediate_size": 11008, "max_window_layers": 70,
+        "num_attention_heads": 16, "num_hidden_layers": 36, "num_key_value_heads": 2, "tie_word_embeddings": True,
+        "vocab_size": 151936, "vision_config": {**_QWEN2_5_VL_VISION, "out_hidden_size": 2048}},
+    "Qwen/Qwen2.5-VL-7B-Instruct": {
+        **_QWEN2_5_VL, "hidden_size": 3584, "intermediate_size": 18944, "max_window_layers": 28,
+        "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4, "tie_word_embeddings": False,
+        "vocab_size": 152064, "vision_config": {**_QWEN2_5_VL_VISION, "out_hidden_size": 3584}},
+})
+# model_type -> (config class, model class) names in transformers
+MODEL_CLASSES = {"llava": ("LlavaConfig", "LlavaForConditionalGeneration"),
+                 "llava_next": ("LlavaNextConfig", "LlavaNextForConditionalGeneration"),
+                 "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration")}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -134,11 +179,19 @@ def download_hint(repo_id: str) -> str:
             f"(or `hf download {repo_id}`) and copy the cache, or pass the local directory to --model")
 
 
+def model_class(model_type: str):
+    """transformers' model class for a supported model_type (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL)."""
+    import transformers
+    return getattr(transformers, MODEL_CLASSES[model_type][1])
+
+
 def load_config(name: str, random_weights: bool = False):
-    from transformers import AutoConfig, LlavaConfig
+    import transformers
+    from transformers import AutoConfig
     location, local = resolve_model(name)
     if random_weights and not local and location in KNOWN_CONFIGS:
-        return LlavaConfig(**KNOWN_CONFIGS[location]), location
+        known = KNOWN_CONFIGS[location]
+        return getattr(transformers, MODEL_CLASSES[known["model_type"]][0])(**known), location
     if local:
         _check_config_json(Path(location) / "config.json")
     try:
@@ -194,18 +247,20 @@ def _check_loading_info(location: str, info: dict) -> None:
 
 
 def load_model(name: str, dtype: str = "float32", device: str = "cpu", random_weights: bool = False):
-    """(LlavaForConditionalGeneration in eval mode, its local path or hub id).
+    """(LlavaForConditionalGeneration or LlavaNextForConditionalGeneration in eval mode, its
+    local path or hub id).
 
     random_weights: build the architecture from the config alone (no weight download)."""
-    from transformers import LlavaForConditionalGeneration
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
     check_device(device)
     config, location = load_config(name, random_weights)
-    if config.model_type != "llava":
+    if config.model_type not in MODEL_CLASSES:
         from .modeling import UnsupportedModelError
-        raise UnsupportedModelError(f"model: {name} is a {config.model_type!r} checkpoint; "
-                                    "expected a LLaVA (model_type 'llava') checkpoint")
+        raise UnsupportedModelError(f"model: {name} is a {config.model_type!r} checkpoint; expected a LLaVA-1.5, "
+                                    f"LLaVA-NeXT or Qwen2.5-VL (model_type {' or '.join(map(repr, MODEL_CLASSES))}) "
+                                    "checkpoint")
+    LlavaForConditionalGeneration = model_class(config.model_type)  # noqa: N806 - the class of this checkpoint
     if random_weights:
         torch.manual_seed(0)
         with torch.device(device):
@@ -234,9 +289,14 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", random_we
     return model, location
 
 
-def load_processor(location: str):
+def load_processor(location: str, model_type: str | None = None):
+    """The checkpoint's processor; Qwen2.5-VL's without its video half (methods/qwen_processor.py:
+    transformers' needs torchvision)."""
     from transformers import AutoProcessor
     try:
+        if model_type == "qwen2_5_vl":
+            from .qwen_processor import QwenImageTextProcessor
+            return QwenImageTextProcessor.from_pretrained(location)
         return AutoProcessor.from_pretrained(location, trust_remote_code=False)
     except OSError as error:
         raise ModelNotFoundError(download_hint(location)) from error

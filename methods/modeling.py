@@ -14,20 +14,36 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repea
 
 
 class UnsupportedModelError(ValueError):
-    """The checkpoint is not a LLaVA-1.5-style model (CLIP vision tower + Llama LM)."""
+    """The checkpoint is not a LLaVA-1.5 or LLaVA-NeXT model (CLIP vision tower + Llama/Mistral LM)."""
+
+
+# model_type -> the language models supported with it
+SUPPORTED_MODELS = {"llava": ("llama",), "llava_next": ("llama", "mistral")}
 
 
 def check_architecture(model) -> None:
-    cfg = model.config
-    if cfg.model_type != "llava":
-        raise UnsupportedModelError(f"model: expected a LLaVA checkpoint (model_type 'llava'), got {cfg.model_type!r}")
+    check_config(model.config)
+
+
+def check_config(cfg) -> None:
+    if cfg.model_type == "qwen2_5_vl":
+        from .qwen2_5_vl import check_config as check_qwen
+        return check_qwen(cfg)
+    if cfg.model_type not in SUPPORTED_MODELS:
+        raise UnsupportedModelError(f"model: expected a LLaVA-1.5 or LLaVA-NeXT checkpoint (model_type "
+                                    f"{' or '.join(map(repr, SUPPORTED_MODELS))}), got {cfg.model_type!r}")
     if cfg.vision_config.model_type != "clip_vision_model":
         raise UnsupportedModelError(f"model: expected a CLIP vision tower, got {cfg.vision_config.model_type!r}")
-    if cfg.text_config.model_type != "llama":
-        raise UnsupportedModelError(f"model: expected a Llama language model, got {cfg.text_config.model_type!r}")
+    text_types = SUPPORTED_MODELS[cfg.model_type]
+    if cfg.text_config.model_type not in text_types:
+        raise UnsupportedModelError(f"model: expected a {' or '.join(t.capitalize() for t in text_types)} language "
+                                    f"model for {cfg.model_type!r}, got {cfg.text_config.model_type!r}")
+    if getattr(cfg.text_config, "sliding_window", None) is not None:
+        raise UnsupportedModelError(f"model: the language model uses sliding-window attention (sliding_window="
+                                    f"{cfg.text_config.sliding_window}), which is not supported (full attention only)")
     if cfg.vision_feature_select_strategy != "default" or not isinstance(cfg.vision_feature_layer, int):
         raise UnsupportedModelError("model: only vision_feature_select_strategy='default' with one "
-                                    "vision_feature_layer (LLaVA-1.5) is supported")
+                                    "vision_feature_layer (LLaVA-1.5 / LLaVA-NeXT) is supported")
 
 
 def num_visual_tokens(model) -> int:
@@ -138,16 +154,22 @@ def decoder_layer(layer, hidden, cos, sin, mask, past=None, score_rows: tuple[in
     return hidden, (k, v), probs
 
 
-def select_raters(visual: torch.Tensor, text: torch.Tensor, text_valid: torch.Tensor) -> torch.Tensor:
+def select_raters(visual: torch.Tensor, text: torch.Tensor, text_valid: torch.Tensor,
+                  visual_valid: torch.Tensor | None = None) -> torch.Tensor:
     """SparseVLM text raters from the layer-0 inputs: bool [B, T].
 
     M = H_v H_t^T (unscaled); softmax over the text axis; mean over visual rows; raters are
     the text tokens with r_j > mean(r) (strict, as the authors' code). A row whose scores are
     all equal (e.g. one text token) has no rater by that rule; it then uses all its text
-    tokens, where the authors' code would average over an empty set (NaN).
+    tokens, where the authors' code would average over an empty set (NaN). `visual_valid`
+    (anyres: rows of different visual counts) restricts the mean to each row's visual tokens.
     """
     logits = (visual.float() @ text.float().transpose(1, 2)).masked_fill(~text_valid[:, None, :], float("-inf"))
-    relevance = torch.softmax(logits, dim=-1).mean(dim=1)  # [B, T]
+    if visual_valid is None:
+        relevance = torch.softmax(logits, dim=-1).mean(dim=1)  # [B, T]
+    else:
+        weights = visual_valid.float()[:, :, None]
+        relevance = (torch.softmax(logits, dim=-1) * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
     count = text_valid.sum(dim=1, keepdim=True).clamp_min(1)
     mean = torch.where(text_valid, relevance, torch.zeros_like(relevance)).sum(1, keepdim=True) / count
     raters = (relevance > mean) & text_valid

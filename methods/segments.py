@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import modeling, token_ops
+from . import modeling, qwen2_5_vl, token_ops
 from .config import PrunePlan
 
 
@@ -55,10 +55,16 @@ def plan_segments(plan: PrunePlan) -> list[SegmentSpec]:
 
 def segment_input_names(plan: PrunePlan, spec: SegmentSpec) -> list[str]:
     if spec.index == 0:
-        return ["prefix_ids", "prefix_valid", "visual", "text_ids", "text_valid"]
+        names = ["prefix_ids", "prefix_valid", "visual", "text_ids", "text_valid"]
+        # anyres: rows have their own visual counts, so the region's padding is marked
+        names = names + ["image_valid"] if plan.anyres else names
+        return names + ["positions"] if plan.mrope else names  # mRoPE ids come from the host
     names = ["hidden", "prefix_valid", "visual_valid", "text_valid", "scores"]
     if plan.method == "sparsevlm":
-        return names + ["rater_mask", "keep_count", "visual_width"]
+        names += ["rater_mask", "keep_count", "visual_width"]
+        return names + ["positions"] if plan.mrope else names
+    if not plan.fixed_topk:  # anyres FastV: per-row keep counts through TokenPrune
+        return names + ["positions", "keep_count", "visual_width"]
     return names + ["positions"]  # fastv keeps the original positions
 
 
@@ -72,7 +78,7 @@ def segment_output_names(plan: PrunePlan, spec: SegmentSpec) -> list[str]:
             names.append("rater_mask")
         if plan.uses_rank:
             names.append("rater_attention")
-        if plan.method == "fastv":
+        if plan.carries_positions:
             names.append("positions")
     else:
         names.append("logits")
@@ -84,21 +90,52 @@ def segment_output_names(plan: PrunePlan, spec: SegmentSpec) -> list[str]:
 
 class VisionEncoder(nn.Module):
     """pixel_values [B, 3, H, W] -> visual [B, V, D] (FasterVLM: the kept V = k tokens and
-    their patch indices `kept_indices` [B, k])."""
+    their patch indices `kept_indices` [B, k]).
+
+    Anyres (LLaVA-NeXT): tiles [sum of the rows' tiles, 3, S, S] plus the host's layout
+    (methods/anyres.py: `image_index` [B, N] into [all tiles' patch features ..., image_newline]
+    and its validity `image_valid`) -> features [B, N, D], each row its image's packed tokens
+    (base tile, unpadded grid with a newline per row) and zeros past its count. FasterVLM adds
+    `kept_mask` [B, N]: the top-k of every tile's [CLS] scores, unpadded through the same
+    index, newlines always kept; the host compacts the rows (their kept counts differ)."""
 
     def __init__(self, model, plan: PrunePlan, ops=token_ops):
         super().__init__()
         self.model, self.plan, self.ops = model, plan, ops
-        self.input_names = ["pixel_values"]
-        self.output_names = ["visual", "kept_indices"] if plan.method == "fastervlm" else ["visual"]
+        fastervlm = plan.method == "fastervlm"
+        if plan.mrope:  # Qwen2.5-VL: flattened patches and their grid's layout (qwen2_5_vl.vision_inputs)
+            self.input_names, self.output_names = list(qwen2_5_vl.VISION_INPUT_NAMES), ["features"]
+        elif plan.anyres:
+            self.input_names = ["tiles", "image_index", "image_valid"]
+            self.output_names = ["features", "kept_mask"] if fastervlm else ["features"]
+        else:
+            self.input_names = ["pixel_values"]
+            self.output_names = ["visual", "kept_indices"] if fastervlm else ["visual"]
 
     def forward(self, x: dict) -> dict:
         fastervlm = self.plan.method == "fastervlm"
+        if self.plan.mrope:
+            return {"features": qwen2_5_vl.encode_rows(self.model, x)}
+        if self.plan.anyres:
+            return self._anyres(x, fastervlm)
         features, cls_scores = modeling.encode_image(self.model, x["pixel_values"], with_cls_scores=fastervlm)
         if not fastervlm:
             return {"visual": features}
         visual, kept = self.ops.topk_token_select(features, cls_scores.to(features.dtype), self.plan.fastervlm_keep)
         return {"visual": visual, "kept_indices": kept}
+
+    def _anyres(self, x: dict, fastervlm: bool) -> dict:
+        features, cls_scores = modeling.encode_image(self.model, x["tiles"], with_cls_scores=fastervlm)
+        newline = self.model.model.image_newline.to(features.dtype)[None]
+        table = torch.cat([features.flatten(0, 1), newline], dim=0)  # [tiles * P + 1, D]
+        index, valid = x["image_index"], x["image_valid"]
+        packed = table[index] * valid[:, :, None].to(features.dtype)
+        if not fastervlm:
+            return {"features": packed}
+        # FasterVLM per tile: rank < k among the tile's patches (TopK's ties: lower index first)
+        tile_keep = token_ops.topk_mask(cls_scores, self.plan.fastervlm_keep)
+        keep_table = torch.cat([tile_keep.flatten(), torch.ones_like(tile_keep[0, :1])])  # newline: always
+        return {"features": packed, "kept_mask": keep_table[index] & valid}
 
 
 class PrefillSegment(nn.Module):
@@ -114,10 +151,16 @@ class PrefillSegment(nn.Module):
         embed = modeling.language_model(self.model).embed_tokens
         prefix, text = embed(x["prefix_ids"]), embed(x["text_ids"])
         visual = x["visual"].to(prefix.dtype)
-        visual_valid = torch.ones_like(visual[:, :, 0], dtype=torch.bool)
+        if self.plan.anyres:
+            visual_valid = x["image_valid"]
+        else:
+            visual_valid = torch.ones_like(visual[:, :, 0], dtype=torch.bool)
         state = {"hidden": torch.cat([prefix, visual, text], dim=1), "visual_valid": visual_valid}
+        if self.plan.mrope:
+            state["positions"] = x["positions"]
         if self.plan.method == "sparsevlm":
-            state["rater_mask"] = modeling.select_raters(visual, text, x["text_valid"])
+            state["rater_mask"] = modeling.select_raters(visual, text, x["text_valid"],
+                                                         visual_valid if self.plan.anyres else None)
         return state
 
     def _prune(self, x):
@@ -128,7 +171,13 @@ class PrefillSegment(nn.Module):
         visual = hidden[:, widths[0]:widths[0] + widths[1]]
         text = hidden[:, widths[0] + widths[1]:]
         state = {}
-        if self.plan.method == "fastv":
+        if self.plan.method == "fastv" and not self.plan.fixed_topk:
+            # anyres FastV: each row keeps its own count, in original order, padding after
+            visual, state["visual_valid"], kept = self.ops.token_prune(
+                visual, x["scores"], x["visual_valid"], x["keep_count"], visual[:, :0], x["visual_valid"][:, :0],
+                x["visual_width"])
+            state["positions"] = _kept_positions(x["positions"], widths, kept, None)
+        elif self.plan.method == "fastv":
             visual, kept = self.ops.topk_token_select(visual, x["scores"], self.plan.fastv_keep)
             positions = x["positions"]
             visual_positions = torch.gather(positions[:, widths[0]:widths[0] + widths[1]], 1, kept)
@@ -140,9 +189,14 @@ class PrefillSegment(nn.Module):
                 merged, merged_valid = self.ops.token_recycle(visual, x["scores"], x["visual_valid"], x["keep_count"])
             else:
                 merged, merged_valid = visual[:, :0], x["visual_valid"][:, :0]
-            visual, state["visual_valid"], kept = self.ops.token_prune(
+            pruned, state["visual_valid"], kept = self.ops.token_prune(
                 visual, x["scores"], x["visual_valid"], x["keep_count"], merged, merged_valid, x["visual_width"])
             state["rater_mask"] = x["rater_mask"]
+            if self.plan.mrope:  # kept tokens keep their ids, a merged token takes its centre's
+                centres = token_ops.recycle_centre_slots(visual, x["scores"], x["visual_valid"], x["keep_count"]) \
+                    if self.plan.recycles else None
+                state["positions"] = _kept_positions(x["positions"], widths, kept, centres)
+            visual = pruned
         state["hidden"] = torch.cat([prefix, visual, text], dim=1)
         state["kept_source"] = kept
         return state
@@ -158,7 +212,7 @@ class PrefillSegment(nn.Module):
             positions = modeling.positions_from_valid(key_valid)
 
         hidden = state["hidden"]
-        cos, sin = modeling.rotary(model, hidden, positions)
+        cos, sin = modeling.rotary(model, hidden, qwen2_5_vl.as_rotary(positions) if plan.mrope else positions)
         mask = modeling.prefill_mask(key_valid)
         text_start = prefix_width + visual_width
         out = {}
@@ -185,6 +239,7 @@ class PrefillSegment(nn.Module):
             else:  # FastV: the last prompt token's row
                 row = last_text[:, None, None].expand(-1, 1, visual_attention.shape[2])
                 scores = torch.gather(visual_attention, 1, row)[:, 0]
+            if plan.carries_positions:
                 out["positions"] = positions
             out.update(hidden=hidden, visual_valid=state["visual_valid"], scores=scores.to(hidden.dtype))
         else:
@@ -192,8 +247,24 @@ class PrefillSegment(nn.Module):
         if spec.index > 0:
             out["kept_source"] = state["kept_source"]
         out["key_valid"] = key_valid
-        out["next_position"] = positions.masked_fill(~key_valid, -1).amax(dim=1) + 1
+        # mRoPE: text ids are equal on the three axes and the last one is the largest
+        flat = positions.amax(dim=2) if plan.mrope else positions
+        out["next_position"] = flat.masked_fill(~key_valid, -1).amax(dim=1) + 1
         return out
+
+
+def _kept_positions(positions: torch.Tensor, widths: list[int], kept: torch.Tensor, centres) -> torch.Tensor:
+    """Positions after TokenPrune rebuilt the visual region (`kept`: its source slots, -1
+    padding): a kept token keeps its ids, a merged one takes its cluster centre's (`centres`,
+    the region slot of each merged token's centre; None without recycling). [B, S] ids or
+    mRoPE's [B, S, 3]."""
+    prefix, visual = widths
+    region = positions[:, prefix:prefix + visual]
+    if positions.dim() == 3:
+        region = qwen2_5_vl.pruned_positions(region, kept, centres)
+    else:
+        region = torch.gather(region, 1, kept.clamp_min(0))
+    return torch.cat([positions[:, :prefix], region, positions[:, prefix + visual:]], dim=1)
 
 
 def decode_input_names(specs: list[SegmentSpec]) -> list[str]:
@@ -222,6 +293,10 @@ def decode_output_names(specs: list[SegmentSpec]) -> list[str]:
 # Names not here (`past.*`, `present.*`, `key_valid.<s>`, `position.<s>`) follow `tensor_axes`.
 INPUT_AXES = {
     "pixel_values": {0: "batch"},
+    "tiles": {0: "tiles"}, "image_index": {0: "batch", 1: "visual_len"},
+    "patches": {0: "patches"}, "window_order": {0: "patches"}, "patch_positions": {0: "patches"},
+    "window_ids": {0: "patches"}, "image_ids": {0: "patches"},
+    "image_valid": {0: "batch", 1: "visual_len"},
     "prefix_ids": {0: "batch", 1: "prefix_len"}, "prefix_valid": {0: "batch", 1: "prefix_len"},
     "text_ids": {0: "batch", 1: "text_len"}, "text_valid": {0: "batch", 1: "text_len"},
     "rater_mask": {0: "batch", 1: "text_len"},
@@ -233,6 +308,7 @@ INPUT_AXES = {
 }
 OUTPUT_AXES = {
     "visual": {0: "batch"}, "kept_indices": {0: "batch"},
+    "features": {0: "batch", 1: "visual_len"}, "kept_mask": {0: "batch", 1: "visual_len"},
     "hidden": {0: "batch", 1: "seq"}, "positions": {0: "batch", 1: "seq"}, "key_valid": {0: "batch", 1: "seq"},
     "visual_valid": {0: "batch", 1: "visual_out"}, "scores": {0: "batch", 1: "visual_out"},
     "kept_source": {0: "batch", 1: "visual_out"}, "rater_mask": {0: "batch", 1: "text_len"},

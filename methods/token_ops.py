@@ -66,6 +66,12 @@ def topk_keep_mask(scores: torch.Tensor, valid: torch.Tensor, keep_count: torch.
     return (rank < keep_count.to(rank.dtype)[:, None]) & valid
 
 
+def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean [R, N]: the k best-scoring slots of every row (FasterVLM's per-tile top-k on
+    LLaVA-NeXT; ties: lower index first, as TopKTokenSelect)."""
+    return _descending_rank(scores, torch.ones_like(scores, dtype=torch.bool)) < k
+
+
 def topk_token_select(tokens: torch.Tensor, scores: torch.Tensor, k: int):
     """TopKTokenSelect: keep the k best-scoring tokens of every row, in original order.
 
@@ -117,6 +123,25 @@ def token_recycle(visual: torch.Tensor, scores: torch.Tensor, visual_valid: torc
     [B, C] with C = max_recycled_slots(V); merged tokens are ordered by descending
     density * delta. Computed in float32 whatever the input type.
     """
+    merged, merged_valid, _ = _recycle_clusters(visual, scores, visual_valid, keep_count, candidate_percent,
+                                                cluster_divisor)
+    return merged, merged_valid
+
+
+def recycle_centre_slots(visual: torch.Tensor, scores: torch.Tensor, visual_valid: torch.Tensor,
+                         keep_count: torch.Tensor, candidate_percent: int = CANDIDATE_PERCENT,
+                         cluster_divisor: int = CLUSTER_DIVISOR) -> torch.Tensor:
+    """The visual slot (0..V-1) of each merged token's cluster centre, int64 [B, C], -1 where
+    `token_recycle` (same inputs) has no merged token. The same computation as TokenRecycle's
+    (one definition, `_recycle_clusters`); not part of the op's contract: models whose
+    positions follow the tokens (Qwen2.5-VL's mRoPE) trace it as plain ops beside the op."""
+    _, merged_valid, centre_slots = _recycle_clusters(visual, scores, visual_valid, keep_count, candidate_percent,
+                                                      cluster_divisor)
+    return torch.where(merged_valid, centre_slots, torch.full_like(centre_slots, -1))
+
+
+def _recycle_clusters(visual, scores, visual_valid, keep_count, candidate_percent, cluster_divisor):
+    """TokenRecycle's DPC-kNN: (merged [B, C, D], merged_valid [B, C], centre slot [B, C])."""
     batch, num_visual, dim = visual.shape
     device = visual.device
     keep = topk_keep_mask(scores, visual_valid, keep_count)
@@ -176,7 +201,7 @@ def token_recycle(visual: torch.Tensor, scores: torch.Tensor, visual_valid: torc
         & cand_valid[:, None, :] & centre_valid[:, :, None]
     members = members.float()
     merged = members @ cand / (members.sum(-1, keepdim=True) + MERGE_EPS)
-    return merged.to(visual.dtype), centre_valid
+    return merged.to(visual.dtype), centre_valid, torch.gather(order, 1, centres)
 
 
 def matrix_rank(block: torch.Tensor) -> int:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sparsevlm.export.manifest import MANIFEST, ArtifactError, read_manifest
-from sparsevlm.methods.config import ConfigError, PrunePlan, SparseVLMConfig, resolve
+from sparsevlm.methods.config import ConfigError, PrunePlan, SparseVLMConfig, resolve_for_spec
 from sparsevlm.methods.spec import ModelSpec
 
 
@@ -22,7 +22,7 @@ class Artifact:
         manifest = read_manifest(root, verify_files=verify_files)
         spec = ModelSpec.from_json(manifest["model"])
         try:
-            plan = resolve(SparseVLMConfig.from_dict(manifest["method"]), spec.num_layers, spec.num_visual)
+            plan = resolve_for_spec(SparseVLMConfig.from_dict(manifest["method"]), spec)
         except (ConfigError, TypeError) as error:
             raise ArtifactError(f"artifact: {root / MANIFEST}: method {manifest['method']} is not a valid "
                                 f"method setting ({error})") from None
@@ -43,7 +43,7 @@ class Artifact:
             raise ArtifactError(f"artifact: {self.root} has no graph {name!r}") from None
 
     def processor(self):
-        from transformers import AutoProcessor
+        from sparsevlm.methods.loading import load_processor
         sub = self.manifest["model"].get("processor")
         location = self.root / sub if sub else self.manifest["model"]["source"]
-        return AutoProcessor.from_pretrained(str(location), trust_remote_code=False)
+        return load_processor(str(location), self.manifest["model"].get("model_type"))

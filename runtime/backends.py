@@ -42,7 +42,8 @@ class GraphExecutor:
         raise NotImplementedError
 
     def vision(self, pixel_values):
-        return self._run("vision", {"pixel_values": pixel_values})
+        """pixel_values: a tensor, or (anyres) the dict of named vision inputs."""
+        return self._run("vision", pixel_values if isinstance(pixel_values, dict) else {"pixel_values": pixel_values})
 
     def segment(self, index, inputs):
         return self._run(f"segment_{index}", inputs)

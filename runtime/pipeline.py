@@ -62,14 +62,16 @@ class Pipeline:
         return cls(artifact, executor, backend)
 
     def generate_ids(self, input_ids: list[list[int]], pixel_values: torch.Tensor, params: SamplingParams,
-                     on_token=None) -> generation.GenerationOutput:
-        """Generate from token ids and pixel values (checked against `self.bounds` first)."""
+                     on_token=None, image_sizes=None) -> generation.GenerationOutput:
+        """Generate from token ids and pixel values (checked against `self.bounds` first);
+        LLaVA-NeXT artifacts also take each image's (height, width) in `image_sizes`."""
         input_ids = self.bounds.check_ids(input_ids)
         self.bounds.check_new_tokens(params.max_new_tokens)
         self.bounds.check_lengths(input_ids, params.max_new_tokens)
         self.bounds.check_pixel_values(pixel_values, len(input_ids), self.spec.image_size)
         return generation.generate(self.executor, self.artifact.plan, input_ids, pixel_values, spec=self.spec,
-                                   params=params, on_token=on_token, width_policy=self.profile_policy.choose)
+                                   params=params, on_token=on_token, width_policy=self.profile_policy.choose,
+                                   image_sizes=image_sizes)
 
     def prepare(self, images, prompts: list[str], max_new_tokens: int = 32) -> dict:
         """Check and encode requests (docs/inputs.md): InputError naming the input and row for
@@ -90,11 +92,19 @@ class Pipeline:
         (their rows in order). Each image and prompt is encoded on its own, so this is the
         batch `generate` would build from the same rows."""
         input_ids = [ids for inputs in prepared for ids in inputs["input_ids"]]
-        pixel_values = torch.cat([inputs["pixel_values"] for inputs in prepared])
+        if self.spec.anyres:  # requests' tile stacks differ in length
+            from sparsevlm.methods.anyres import stack_pixel_values
+            pixel_values = stack_pixel_values([inputs["pixel_values"] for inputs in prepared])
+            image_sizes = [tuple(size) for inputs in prepared for size in inputs["image_sizes"].tolist()]
+        elif self.spec.mrope:  # Qwen2.5-VL: every image's patches, and each image's patch grid
+            pixel_values = torch.cat([inputs["pixel_values"] for inputs in prepared])
+            image_sizes = torch.cat([inputs["image_grid_thw"] for inputs in prepared])
+        else:
+            pixel_values, image_sizes = torch.cat([inputs["pixel_values"] for inputs in prepared]), None
         tokenizer = self.processor.tokenizer
         stops = tuple(stop_token_ids) if stop_token_ids is not None else (tokenizer.eos_token_id,)
         params = SamplingParams(max_new_tokens, temperature, top_p, seed, stops)
-        out = self.generate_ids(input_ids, pixel_values, params, on_token)
+        out = self.generate_ids(input_ids, pixel_values, params, on_token, image_sizes)
         token_ids = [_until_stop(row, stops) for row in out.sequences.tolist()]
         return RunOutput(texts=tokenizer.batch_decode(token_ids, skip_special_tokens=True), token_ids=token_ids,
                          kept_per_layer=[[layer["keep_count"][row] for layer in out.trace["layers"]]

@@ -162,8 +162,8 @@ class RecordingExecutor:
         shapes = {name: tuple(inputs[name].shape) for name in self.graph_inputs[graph]}
         self.calls[threading.get_ident()].append((graph, shapes))
 
-    def vision(self, pixel_values):
-        self._record("vision", {"pixel_values": pixel_values})
+    def vision(self, pixel_values):  # a tensor, or (anyres) the dict of named vision inputs
+        self._record("vision", pixel_values if isinstance(pixel_values, dict) else {"pixel_values": pixel_values})
         return self.inner.vision(pixel_values)
 
     def segment(self, index, inputs):
@@ -181,3 +181,50 @@ def engine_profiles(manifest: dict) -> dict:
     from sparsevlm.export.trt_build import plan_engines
     return {plan.name: [{spec.name: (spec.min, spec.opt, spec.max) for spec in profile}
                         for profile in plan.profiles] for plan in plan_engines(manifest)}
+
+
+def fits(profile, shapes: dict) -> bool:
+    """Every input of `shapes` lies within one build profile (plan_engines' specs)."""
+    for spec in profile:
+        shape = shapes[spec.name]
+        if len(shape) != len(spec.min) or not all(lo <= d <= hi for lo, d, hi in zip(spec.min, shape, spec.max)):
+            return False
+    return True
+
+
+def assert_calls_fit_profiles(pipe, images, prompts, new_tokens: int = 3):
+    """Run `pipe` (greedy, no stop token) through a RecordingExecutor and check every graph
+    call against the profiles sparsevlm-build builds: the profile the TensorRT executor finds
+    from the shapes holds the call, a pruning segment's is the one the runtime chose, and the
+    decode caches still fit at the MAX_NEW_TOKENS bound (every cache grows by one per step)."""
+    from sparsevlm.export import profiles as profile_lib
+    from sparsevlm.export.trt_build import plan_engines
+    from sparsevlm.methods.profiles import profile_for_shapes
+    from sparsevlm.runtime import Pipeline
+    manifest = pipe.artifact.manifest
+    plans = {p.name: p for p in plan_engines(manifest)}
+    profiles = engine_profiles(manifest)
+    pruning = {s["graph"] for s in manifest["segments"] if s["profile_dim"]}
+    recorder = RecordingExecutor(pipe.executor, manifest)
+    out = Pipeline(pipe.artifact, recorder, pipe.backend).generate(images, prompts, max_new_tokens=new_tokens,
+                                                                   temperature=0.0, stop_token_ids=())
+    calls = recorder.calls[threading.get_ident()]
+    assert [graph for graph, _ in calls][0] == "vision"
+    chosen = {}
+    for graph, shapes in calls:
+        profile = profile_for_shapes(profiles[graph], shapes)
+        assert profile is not None, f"batch {len(images)}: {graph} {shapes} fits no profile"
+        assert fits(plans[graph].profiles[profile], shapes)
+        if graph in pruning:
+            chosen[graph] = profile
+    assert chosen == {f"segment_{c['segment']}": c["profile"] for c in out.profiles}
+    decode = [shapes for graph, shapes in calls if graph == "decode"]
+    cache_axes = {spec["name"]: [i for i, dim in enumerate(spec["shape"]) if str(dim).startswith("past")]
+                  for spec in manifest["graphs"]["decode"]["inputs"]}
+    for step, shapes in enumerate(decode):
+        for tensor, axes in cache_axes.items():
+            assert all(shapes[tensor][a] == decode[0][tensor][a] + step for a in axes)
+    grown = {tensor: tuple(d + profile_lib.MAX_NEW_TOKENS - 2 if i in cache_axes[tensor] else d
+                           for i, d in enumerate(shape)) for tensor, shape in decode[0].items()}
+    assert profile_for_shapes(profiles["decode"], grown) is not None
+    return out

@@ -225,10 +225,11 @@ def test_polygraphy_runs_pruning_segment(artifacts, demo_dir, tmp_path):
     from sparsevlm.methods import modeling
     from sparsevlm.methods.config import resolve
     from sparsevlm.methods.loading import load_model
+    from sparsevlm.methods.spec import ModelSpec
     model, _ = load_model(str(demo_dir))
     plan = resolve(method_config("sparsevlm_v15_b192"), model.config.text_config.num_hidden_layers,
                    modeling.num_visual_tokens(model))
-    recorded = _example_run(model, plan)["segment_1"]
+    recorded = _example_run(model, plan, ModelSpec.from_hf_config(model.config))["segment_1"]
     graph = artifacts("sparsevlm_v15_b192") / "segment_1.onnx"
     names = [i.name for i in onnx.load(str(graph), load_external_data=False).graph.input]
     assert set(names) <= set(recorded)

@@ -25,13 +25,15 @@ def bf_topk(scores: list[float], valid: list[bool], k: int) -> list[int]:
     return sorted(ranked[:k])
 
 
-def bf_recycle(tokens: list[list[float]], scores: list[float], valid: list[bool], keep: int):
-    """SparseVLM recycling for one row: list of merged tokens (descending density*delta)."""
+def bf_recycle(tokens: list[list[float]], scores: list[float], valid: list[bool], keep: int,
+               with_centres: bool = False):
+    """SparseVLM recycling for one row: list of merged tokens (descending density*delta);
+    with_centres: also the token index of each merged token's cluster centre."""
     kept = set(bf_topk(scores, valid, keep))
     deleted = [i for i in range(len(scores)) if valid[i] and i not in kept]
     d = len(deleted)
     if d == 0:
-        return []
+        return ([], []) if with_centres else []
     pool = int(0.3 * d) + 1
     c = int(pool / 10) + 1
     cand = sorted(deleted, key=lambda i: (-scores[i], i))[:pool]
@@ -63,7 +65,7 @@ def bf_recycle(tokens: list[list[float]], scores: list[float], valid: list[bool]
     for members in clusters:
         total = [sum(tokens[cand[i]][x] for i in members) for x in range(dim)]
         merged.append([t / (len(members) + 1e-6) for t in total])
-    return merged
+    return (merged, [cand[i] for i in centres]) if with_centres else merged
 
 
 def _random_case(seed: int, batch: int, width: int, dim: int, ties: bool = False):
@@ -100,6 +102,19 @@ def test_token_recycle_matches_brute_force(seed, batch, width, dim, ties):
         if expected:
             torch.testing.assert_close(merged[row, :len(expected)].double(), torch.tensor(expected, dtype=torch.float64),
                                        rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed,batch,width,dim,ties", CASES)
+def test_recycle_centre_slots_match_brute_force(seed, batch, width, dim, ties):
+    """The slot of each merged token's cluster centre (what Qwen2.5-VL's positions follow)."""
+    visual, scores, valid, keep = _random_case(seed, batch, width, dim, ties)
+    keep[0] = int(valid[0].sum())  # a row that deletes nothing
+    centres = token_ops.recycle_centre_slots(visual, scores, valid, keep)
+    assert centres.shape == (batch, token_ops.max_recycled_slots(width))
+    for row in range(batch):
+        _, expected = bf_recycle(visual[row].double().tolist(), scores[row].tolist(), valid[row].tolist(),
+                                 int(keep[row]), with_centres=True)
+        assert centres[row].tolist() == expected + [-1] * (centres.shape[1] - len(expected))
 
 
 def test_recycle_counts_follow_the_authors_float_rule():

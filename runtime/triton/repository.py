@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,11 @@ def project_site_dirs() -> list[str]:
     if not any(str(pkg).startswith(d) for d in dirs) and not any(Path(d, "__editable__.sparsevlm_trt-0.1.0.pth").exists()
                                                                 for d in dirs):
         dirs.append(str(pkg.parent))  # a plain source checkout on sys.path
+    # A `sparsevlm` directory on this process's sys.path (e.g. a package of links to a
+    # checkout) wins over an editable install of another checkout: the server imports it too.
+    imported_from = Path(sparsevlm.__file__).parent.parent
+    if (imported_from / "sparsevlm").is_dir() and str(imported_from) not in dirs and str(imported_from) in sys.path:
+        dirs.append(str(imported_from))
     return dirs
 
 
