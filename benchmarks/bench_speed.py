@@ -37,7 +37,6 @@ from pathlib import Path
 import torch
 
 from sparsevlm.export import export
-from sparsevlm.methods import generation
 from sparsevlm.methods.demo_model import build_demo_model
 from sparsevlm.runtime import Pipeline
 from sparsevlm.runtime.artifact import Artifact
@@ -72,9 +71,6 @@ def parse_args(argv=None):
                    help=f"tiny model (hidden 64), one repeat, settings {', '.join(QUICK_SETTINGS)}: checks the script runs")
     p.add_argument("--profile", action="store_true", help="also print where ONNX Runtime's prefill time goes")
     p.add_argument("--work", type=Path, default=None, help="directory for the model and artifacts (default: a temp dir)")
-    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                   help="wall: elapsed time (the default); cpu: this process's CPU time, steadier on a machine "
-                        "other processes load (ONNX Runtime's prefill pools do not spin, so it counts work)")
     p.add_argument("--reuse", action="store_true", help="keep the model and artifacts already in --work")
     p.add_argument("--json", type=Path, default=None, help="also write every measurement to this JSON file")
     args = p.parse_args(argv)
@@ -122,24 +118,29 @@ class TransformersBaseline:
                                    max_new_tokens=1, do_sample=False)
 
 
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+CLOCKS = ("wall", "cpu")  # elapsed time; this process's CPU time (all its threads)
 
 
-def timed(call, clock=time.perf_counter) -> float:
-    t0 = clock()
+def clocks() -> dict:
+    return {"wall": time.perf_counter(), "cpu": time.process_time()}
+
+
+def timed(call) -> dict:
+    """{clock: seconds} of one call."""
+    t0 = clocks()
     call()
-    return clock() - t0
+    t1 = clocks()
+    return {clock: t1[clock] - t0[clock] for clock in CLOCKS}
 
 
-def timed_vision(executor, clock, seconds: list) -> None:
-    """Wrap `executor.vision` so that each call appends its `clock` time to `seconds`."""
+def timed_vision(executor, seconds: list) -> None:
+    """Wrap `executor.vision` so that each call appends its {clock: seconds} to `seconds`."""
     inner = executor.vision
 
     def vision(pixel_values):
-        t0 = clock()
-        out = inner(pixel_values)
-        seconds.append(clock() - t0)
-        return out
+        out = []
+        seconds.append(timed(lambda: out.append(inner(pixel_values))))
+        return out[0]
     executor.vision = vision
 
 
@@ -171,37 +172,44 @@ def build(args, work: Path):
 
 
 def measure(args, pipes, prepared, baseline) -> dict:
-    """Medians over `args.repeats` interleaved rounds: {key: {"llm": s, "vision": s, ...}}."""
-    samples: dict = {key: {"llm": [], "total": []} for key in pipes}
-    for name in ("forward", "language_model", "first_token"):
-        samples["transformers", name] = {"total": []}
-    flops, clock = {}, CLOCKS[args.clock]
+    """{clock: {key: {"llm": s, "total": s, "llm_min": s, "flops_ratio": r}}}: medians (and the
+    fastest LLM prefill) over `args.repeats` interleaved rounds, each run timed on both clocks.
+    The LLM prefill is the run less its vision call (on the wall clock, the loop's own timing
+    of its segments)."""
+    samples = {clock: {key: {"llm": [], "total": []} for key in pipes} for clock in CLOCKS}
+    for clock in CLOCKS:
+        for name in ("forward", "language_model", "first_token"):
+            samples[clock]["transformers", name] = {"total": []}
+    flops = {}
     vision_seconds = {key: [] for key in pipes}
     for key, pipe in pipes.items():
-        timed_vision(pipe.executor, clock, vision_seconds[key])
+        timed_vision(pipe.executor, vision_seconds[key])
     for key, pipe in pipes.items():  # warm-up: first-call allocations and ONNX Runtime's lazy init
         pipe.generate_prepared([prepared], max_new_tokens=1, stop_token_ids=[])
     baseline.forward()
     for _ in range(args.repeats):
         for key, pipe in pipes.items():
-            t0 = clock()
-            out = pipe.generate_prepared([prepared], max_new_tokens=1, stop_token_ids=[])
-            total = clock() - t0
-            if args.clock == "wall":  # the loop's own timings: vision, then the prefill segments
-                total = out.timings["vision"] + out.timings["prefill"]
-                vision_seconds[key][-1] = out.timings["vision"]
-            samples[key]["llm"].append(total - vision_seconds[key][-1])
-            samples[key]["total"].append(total)
+            outputs = []
+            run = timed(lambda: outputs.append(pipe.generate_prepared([prepared], max_new_tokens=1, stop_token_ids=[])))
+            out, vision = outputs[0], vision_seconds[key][-1]
+            run["wall"], vision["wall"] = out.timings["vision"] + out.timings["prefill"], out.timings["vision"]
+            for clock in CLOCKS:
+                samples[clock][key]["llm"].append(run[clock] - vision[clock])
+                samples[clock][key]["total"].append(run[clock])
             flops[key[1]] = out.accounting["rows"][0]["flops_ratio"]
-        samples["transformers", "forward"]["total"].append(timed(baseline.forward, clock))
-        samples["transformers", "language_model"]["total"].append(timed(baseline.language_model, clock))
-        samples["transformers", "first_token"]["total"].append(timed(baseline.first_token, clock))
-    medians = {key: {kind: statistics.median(values) for kind, values in kinds.items()} for key, kinds in samples.items()}
-    for key in pipes:  # the least disturbed run of each, for a machine other processes share
-        medians[key]["llm_min"] = min(samples[key]["llm"])
-    for key in pipes:
-        medians[key]["flops_ratio"] = flops[key[1]]
-    return medians
+        for name in ("forward", "language_model", "first_token"):
+            run = timed(getattr(baseline, name))
+            for clock in CLOCKS:
+                samples[clock]["transformers", name]["total"].append(run[clock])
+    result = {}
+    for clock in CLOCKS:
+        medians = {key: {kind: statistics.median(values) for kind, values in kinds.items()}
+                   for key, kinds in samples[clock].items()}
+        for key in pipes:  # the least disturbed run of each, for a machine other processes share
+            medians[key]["llm_min"] = min(samples[clock][key]["llm"])
+            medians[key]["flops_ratio"] = flops[key[1]]
+        result[clock] = medians
+    return result
 
 
 def table_rows(medians: dict, settings) -> list[dict]:
@@ -250,16 +258,19 @@ def main(argv=None) -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-speed-"))
     pipes, prepared, baseline = build(args, work)
     load_before = os.getloadavg()[0]
-    medians = measure(args, pipes, prepared, baseline)
+    measured = measure(args, pipes, prepared, baseline)
     load_after = os.getloadavg()[0]
-    rows = table_rows(medians, args.settings)
+    tables = {clock: table_rows(measured[clock], args.settings) for clock in CLOCKS}
     print(f"\nLLaVA-shaped random model: Llama {args.layers} layers, hidden {args.hidden}; prompt "
           f"{len(prepared['input_ids'][0])} tokens (576 visual); {args.threads} threads; median of "
-          f"{args.repeats} interleaved runs of {args.clock} time; efficiency = FLOPs ratio / time ratio (LLM prefill); "
-          f"load average {load_before:.1f} before, {load_after:.1f} after\n")
-    print(format_table(rows), flush=True)
+          f"{args.repeats} interleaved runs; efficiency = FLOPs ratio / time ratio (LLM prefill); "
+          f"load average {load_before:.1f} before, {load_after:.1f} after")
+    for clock, title in (("wall", "elapsed time"), ("cpu", "CPU time of this process (all threads; steadier "
+                                                          "than elapsed time when other processes load the machine)")):
+        print(f"\n{clock}: {title}\n")
+        print(format_table(tables[clock]), flush=True)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        args.json.write_text(json.dumps(tables, indent=1))
     if args.profile:
         from profile_prefill import print_breakdown  # benchmarks/profile_prefill.py
         for label, _ in args.settings:

@@ -59,13 +59,15 @@ def breakdown(pipe, prepared: dict, threads: int, repeats: int = 5) -> dict:
     executor = pipe.executor
     originals = dict(executor.sessions)
     profiled = profiled_sessions(executor, threads)
-    walls = defaultdict(list)
+    walls, segment_walls = defaultdict(list), [0.0]  # per graph; per run, the segment calls' sum
     run = executor._run
 
     def timed_run(name, inputs):
         t0 = time.perf_counter()
         out = run(name, inputs)
         walls[name].append(time.perf_counter() - t0)
+        if name.startswith("segment_"):
+            segment_walls[-1] += walls[name][-1]
         return out
 
     executor._run = timed_run
@@ -74,15 +76,17 @@ def breakdown(pipe, prepared: dict, threads: int, repeats: int = 5) -> dict:
         pipe.generate_prepared([prepared], max_new_tokens=1, stop_token_ids=[])  # warm-up (profiled too)
         for values in walls.values():
             values.clear()
+        host = []
         for _ in range(repeats):
+            segment_walls.append(0.0)
             out = pipe.generate_prepared([prepared], max_new_tokens=1, stop_token_ids=[])
             prefill.append(out.timings["prefill"])
+            host.append(out.timings["prefill"] - segment_walls[-1])
     finally:
         del executor._run
         executor.sessions.update(originals)
         executor.refresh_bindings()
-    result = {"prefill": statistics.median(prefill) * 1e3}
-    segment_wall = 0.0
+    result = {"prefill": statistics.median(prefill) * 1e3, "host between calls": statistics.median(host) * 1e3}
     for name, session in profiled.items():
         if not walls[name]:
             continue
@@ -94,11 +98,8 @@ def breakdown(pipe, prepared: dict, threads: int, repeats: int = 5) -> dict:
                 kinds[kernel_kind(event)] += event["dur"] / 1e3
         calls = len(runs) + 1  # the warm-up's run is in the kernel sums too
         wall = statistics.median(walls[name]) * 1e3
-        if name.startswith("segment_"):
-            segment_wall += wall
         result[name] = {"call": wall, "session run": statistics.median(runs) if runs else float("nan"),
                         **{kind: ms / calls for kind, ms in sorted(kinds.items())}}
-    result["host between calls"] = result["prefill"] - segment_wall
     return result
 
 

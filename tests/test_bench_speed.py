@@ -22,7 +22,11 @@ def table(tmp_path_factory) -> list[dict]:
     result = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--work", str(work)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = [line for line in result.stdout.splitlines() if line.startswith("|")]
+    # The first table (elapsed time); the CPU-time table follows it after a blank line.
+    stdout = result.stdout.splitlines()
+    first = next(i for i, line in enumerate(stdout) if line.startswith("|"))
+    lines = stdout[first:stdout.index("", first)]
+    assert sum(line.startswith("| backend |") for line in stdout) == 2  # both clocks' tables
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
     assert header == COLUMNS
     assert set(lines[1].replace("|", "")) == {"-"}
