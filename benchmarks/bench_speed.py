@@ -245,7 +245,7 @@ def format_table(rows: list[dict]) -> str:
         if value is None:
             return ""
         if isinstance(value, float):
-            return f"{value:.1f}" if value >= 10 else f"{value:.3f}"
+            return f"{value:.1f}" if value >= 10 else f"{value:.4g}"  # 4 digits: small ratios stay exact enough
         return str(value)
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(cell(row.get(column)) for column in COLUMNS) + " |" for row in rows]
