@@ -3,7 +3,7 @@ same model, on ONNX Runtime and on the torch backend, next to plain transformers
 `LlavaForConditionalGeneration` (SDPA) on the same prompt, all measured side by side in one
 run (settings and backends interleaved round-robin, medians of the repeats).
 
-    .venv/bin/python benchmarks/bench_speed.py [--layers 18 --hidden 1024 --repeats 7 --threads 2]
+    .venv/bin/python benchmarks/bench_speed.py [--layers 18 --hidden 1024 --repeats 5 --threads 2] [--reuse --work DIR]
     .venv/bin/python benchmarks/bench_speed.py --quick      # tiny model, one repeat (CI)
 
 Per setting and backend it prints the LLM-prefill time (the prefill segments; the vision
@@ -14,7 +14,10 @@ docs/accounting.md: decoder layers only) and the efficiency = FLOPs ratio / time
 the whole prompt (`logits_to_keep=1`, vision included), the language model alone on the
 same input embeddings, and `generate(max_new_tokens=1)` (time to first token); the
 `vs transformers` column is transformers' vision-included forward divided by this row's
-vision-included prefill (how many times faster the exported model answers).
+vision-included prefill (how many times faster the exported model answers). Every run is
+timed on two clocks and printed as two tables: elapsed time, and this process's CPU time
+(all threads), which stays meaningful when other processes share the cores; the
+`efficiency (fastest runs)` column uses each setting's fastest run instead of the median.
 
 The model is a random LLaVA-1.5-shaped checkpoint built in code (the demo architecture
 widened: CLIP 336/14 with 576 patches, a Llama of `--layers` x `--hidden`, MLP 2 x hidden).
