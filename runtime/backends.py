@@ -53,21 +53,48 @@ class GraphExecutor:
 
 
 class OnnxRuntimeExecutor(GraphExecutor):
-    def __init__(self, artifact: Artifact, providers: list[str] | None = None, threads: int = 0):
+    """One ONNX Runtime session per graph, each with its own intra-op thread pool
+    (`threads` threads; 0: ONNX Runtime's default, one per core)."""
+
+    def __init__(self, artifact: Artifact, providers: list[str] | None = None, threads: int = 0,
+                 graphs: list[str] | None = None):
+        """`graphs`: the graphs to load (default: all; e.g. without "decode" for a prefill-only
+        benchmark, whose sessions would otherwise hold a second copy of the weights)."""
         import onnxruntime as ort
-        self.artifact = artifact
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        options.log_severity_level = 3
+        self.artifact, self.threads = artifact, threads
         available = ort.get_available_providers()
         providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         self.sessions = {}
-        for name in graph_names(artifact):
+        for name in graph_names(artifact) if graphs is None else graphs:
             try:
-                self.sessions[name] = ort.InferenceSession(str(artifact.graph_path(name)), options, providers=providers)
+                self.sessions[name] = ort.InferenceSession(str(artifact.graph_path(name)), self.session_options(name),
+                                                           providers=providers)
             except Exception as error:  # onnxruntime raises its own exception types
                 raise ArtifactError(f"artifact: cannot load {artifact.graph_path(name)}: {str(error).splitlines()[0]}") from None
+        self.refresh_bindings()
+
+    def session_options(self, graph: str):
+        """The options graph `graph`'s session is created with.
+
+        The vision and prefill graphs run back to back, one session after the other, and
+        each session has its own thread pool. With ONNX Runtime's default spinning, the pool
+        of the graph that just finished keeps its threads busy-waiting on the cores the next
+        graph's pool needs: the more segments (the more pruning layers), the more time lost,
+        and far more when other processes share the cores. So their workers block instead of
+        spinning. The decode graph runs alone, one call after the other on the same pool, and
+        keeps the default."""
+        import onnxruntime as ort
+        options = ort.SessionOptions()
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        if graph != "decode":
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.log_severity_level = 3
+        return options
+
+    def refresh_bindings(self) -> None:
+        """Read each session's input and output names and input types (again, after a
+        session in `self.sessions` was replaced, e.g. by a profiling one)."""
         self._inputs = {n: [i.name for i in s.get_inputs()] for n, s in self.sessions.items()}
         # Feeds are cast to each input's declared type (e.g. float32 pixels into a float16 graph).
         self._types = {n: {i.name: _NUMPY_TYPES[i.type] for i in s.get_inputs()} for n, s in self.sessions.items()}

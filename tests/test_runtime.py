@@ -289,3 +289,40 @@ def test_tensorrt_engines_match_onnxruntime(artifacts, tmp_path, inputs_images, 
     out = pipe.generate(inputs_images, PROMPTS, max_new_tokens=NEW_TOKENS, stop_token_ids=())
     ref = runs("sparsevlm_v15_b192", "onnxruntime", 3)
     assert_same_decisions(out.trace, ref.trace, atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------
+# ONNX Runtime sessions
+# ------------------------------------------------------------------------------------------
+
+def _allows_spinning(session) -> bool:
+    try:
+        return session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") != "0"
+    except Exception:  # not set: ONNX Runtime's default, which spins
+        return True
+
+
+def test_onnxruntime_prefill_sessions_do_not_spin_and_decode_does(artifacts):
+    """The vision and segment sessions run back to back, each with its own thread pool: a
+    finished session's spinning workers would hold the cores the next one needs."""
+    from sparsevlm.runtime.artifact import Artifact
+    from sparsevlm.runtime.backends import OnnxRuntimeExecutor, graph_names
+    artifact = Artifact.load(artifacts("sparsevlm_v15_b64"))
+    executor = OnnxRuntimeExecutor(artifact, threads=2)
+    assert list(executor.sessions) == graph_names(artifact)
+    assert {name: _allows_spinning(s) for name, s in executor.sessions.items()} == \
+        {name: name == "decode" for name in graph_names(artifact)}
+
+
+def test_onnxruntime_executor_without_decode_prefills_the_same(artifacts, inputs_images, runs):
+    """`graphs=` loads a subset (a prefill-only benchmark leaves out decode and its copy of
+    the weights); the prefill is the full executor's: same kept tokens, same logits."""
+    from sparsevlm.runtime.artifact import Artifact
+    from sparsevlm.runtime.backends import OnnxRuntimeExecutor, graph_names
+    artifact = Artifact.load(artifacts("sparsevlm_v15_b64"))
+    graphs = [name for name in graph_names(artifact) if name != "decode"]
+    pipe = Pipeline(artifact, OnnxRuntimeExecutor(artifact, threads=2, graphs=graphs), "onnxruntime")
+    assert "decode" not in pipe.executor.sessions
+    out = pipe.generate(inputs_images[:3], PROMPTS[:3], max_new_tokens=1, stop_token_ids=())
+    full = runs("sparsevlm_v15_b64", "onnxruntime", 3)
+    assert_same_decisions(out.trace, full.trace, steps=1)
