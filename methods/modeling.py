@@ -112,15 +112,17 @@ def attend_past_and_new(q, key, value, past_key, past_value, past_valid, scaling
     """
     batch, heads, _, head_dim = q.shape
     kv_heads = past_key.shape[1]
+    softmax_dtype = torch.promote_types(q.dtype, torch.float32)  # float16 graphs: softmax in float32
     grouped = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)  # [B, H_kv, G, hd]
-    past_scores = (grouped @ past_key.transpose(-1, -2)).float() * scaling  # [B, H_kv, G, C]
+    past_scores = (grouped @ past_key.transpose(-1, -2)).to(softmax_dtype) * scaling  # [B, H_kv, G, C]
     past_scores = past_scores.masked_fill(~past_valid[:, None, None, :], float("-inf"))
-    new_score = (grouped * key).sum(-1, keepdim=True).float() * scaling  # [B, H_kv, G, 1]
+    new_score = (grouped * key).sum(-1, keepdim=True).to(softmax_dtype) * scaling  # [B, H_kv, G, 1]
     top = torch.maximum(past_scores.amax(-1, keepdim=True), new_score)  # finite, as the new score is
     past_weights = torch.exp(past_scores - top)
     new_weight = torch.exp(new_score - top)
     total = past_weights.sum(-1, keepdim=True) + new_weight
-    out = (past_weights / total).to(past_value.dtype) @ past_value + ((new_weight / total) * value.float()).to(value.dtype)
+    out = (past_weights / total).to(past_value.dtype) @ past_value \
+        + ((new_weight / total) * value.to(softmax_dtype)).to(value.dtype)
     return out.reshape(batch, heads, 1, head_dim)
 
 
