@@ -104,6 +104,8 @@ def main() -> None:
             runs = [step_times(pipe, image, args.tokens, clock) for _ in range(args.repeats)]
             per_step = [statistics.median(times) for times in zip(*runs)]
             results[(label, backend)] = [statistics.mean(per_step[lo - 1:hi]) for lo, hi in spans]
+            print(f"{label}, {backend}: " + ", ".join(f"tokens {lo}-{hi} {m * 1e3:.2f} ms" for (lo, hi), m
+                                                       in zip(spans, results[(label, backend)])), flush=True)
             del pipe
             gc.collect()
 

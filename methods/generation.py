@@ -3,8 +3,9 @@ segments (choosing keep counts between them) -> decode, recording the trace.
 
 A backend is an *executor* with three calls, each taking and returning dicts of torch
 tensors by name (see `segments.py`): `vision(pixel_values)`, `segment(index, inputs)` and
-`decode(inputs)`. `TorchExecutor` runs the PyTorch modules; the runtime package provides
-ONNX Runtime and TensorRT executors. The decisions between segments (rank, keep counts,
+`decode(inputs)`, and optionally `cache_buffer(shape, dtype, device)`, which allocates the
+decode caches (`decode_cache.py`). `TorchExecutor` runs the PyTorch modules; the runtime
+package provides ONNX Runtime and TensorRT executors. The decisions between segments (rank, keep counts,
 the width of the next visual region) are made here, once, for every backend.
 """
 
