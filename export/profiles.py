@@ -5,8 +5,9 @@ Every dynamic dimension of every graph has a name (`batch`, `prefix_len`, `text_
 [min, opt, max]. Segments that start by pruning get one profile per bucket of their
 `visual_width` (from calibration, or defaults derived from the method); their inputs
 (`visual_in`, `seq_in`) span what the previous segment outputs, and each decode cache
-(`past_len_<s>`) what segment s's layers hold plus MAX_NEW_TOKENS generated tokens. The
-prompt regions share the ranges below.
+(`past_len_<s>`, the capacity of the buffer the runtime preallocates) what segment s's
+layers hold plus room for up to MAX_NEW_TOKENS generated tokens. The prompt regions share
+the ranges below.
 """
 
 from __future__ import annotations
@@ -53,8 +54,9 @@ def graph_profiles(plan: PrunePlan, num_segments: int, vision_width: int, bucket
     `region[s]` is the visual width segment s's layers run at: the vision width for s = 0,
     for s >= 1 the span of its buckets (the runtime runs a width inside one of them, padded
     up to a bucket's min at most). So segment s >= 1 receives `visual_in` and `seq_in` at
-    segment s-1's region width, and its layers cache prefix + region[s] + text tokens, to
-    which decoding appends up to MAX_NEW_TOKENS: that bounds `past_len_<s>`.
+    segment s-1's region width, and its layers cache prefix + region[s] + text tokens; the
+    decode buffers add room for the new tokens (n - 1 columns for n tokens, at most
+    MAX_NEW_TOKENS): that bounds `past_len_<s>`, the capacity every decode step is run at.
 
     Anyres (LLaVA-NeXT): a batch's visual region is as wide as its widest image, so
     `visual_len` spans the counts the grid pinpoints allow (plan.min_visual..num_visual; from

@@ -3,8 +3,9 @@ segments (choosing keep counts between them) -> decode, recording the trace.
 
 A backend is an *executor* with three calls, each taking and returning dicts of torch
 tensors by name (see `segments.py`): `vision(pixel_values)`, `segment(index, inputs)` and
-`decode(inputs)`. `TorchExecutor` runs the PyTorch modules; the runtime package provides
-ONNX Runtime and TensorRT executors. The decisions between segments (rank, keep counts,
+`decode(inputs)`, and optionally `cache_buffer(shape, dtype, device)`, which allocates the
+decode caches (`decode_cache.py`). `TorchExecutor` runs the PyTorch modules; the runtime
+package provides ONNX Runtime and TensorRT executors. The decisions between segments (rank, keep counts,
 the width of the next visual region) are made here, once, for every backend.
 """
 
@@ -19,6 +20,7 @@ import torch
 
 from . import token_ops
 from .config import PrunePlan
+from .decode_cache import DecodeCache, torch_buffer
 from .profiles import ProfileChoice
 from .segments import DecodeStep, PrefillSegment, SegmentSpec, VisionEncoder, plan_segments
 from .spec import ModelSpec
@@ -345,11 +347,15 @@ def choose_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch
 def decode_tokens(executor, specs: list[SegmentSpec], result: PrefillResult, params: SamplingParams,
                   pad_id: int = 0) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, step by step (the first comes from the prefill
-    logits). A finished row (it produced a stop token) keeps yielding `pad_id`."""
+    logits). A finished row (it produced a stop token) keeps yielding `pad_id`.
+
+    Before the first decode step each segment's cache is copied once into a buffer with room
+    for every token still to come (`decode_cache.DecodeCache`; the executor's `cache_buffer`
+    allocates it where it has one); each step then writes only the new entries in place."""
     generator = None
     if params.temperature > 0:
         generator = torch.Generator().manual_seed(0 if params.seed is None else params.seed)
-    caches = result.caches
+    caches: list[DecodeCache] = []
     logits = result.logits
     finished = torch.zeros(logits.shape[0], dtype=torch.bool)
     for step in range(params.max_new_tokens):
@@ -359,20 +365,18 @@ def decode_tokens(executor, specs: list[SegmentSpec], result: PrefillResult, par
         finished |= torch.isin(tokens, torch.tensor(params.stop_token_ids, dtype=tokens.dtype))
         if step == params.max_new_tokens - 1 or bool(finished.all()):
             return
+        if not caches:  # step 0: room for the max_new_tokens - 1 tokens fed back
+            allocate = getattr(executor, "cache_buffer", torch_buffer)
+            for spec, cache in zip(specs, result.caches):
+                caches.append(DecodeCache.from_prefill(spec.index, cache.key_valid, cache.next_position, cache.kv,
+                                                       params.max_new_tokens - 1, allocate))
         inputs = {"token_ids": tokens[:, None]}
-        for spec, cache in zip(specs, caches):
-            inputs[f"key_valid.{spec.index}"] = cache.key_valid
-            inputs[f"position.{spec.index}"] = cache.next_position
-            for layer, (key, value) in cache.kv.items():
-                inputs[f"past.{layer}.key"], inputs[f"past.{layer}.value"] = key, value
+        for cache in caches:
+            inputs.update(cache.graph_inputs())
         out = executor.decode(inputs)
         logits = out["logits"]
         for cache in caches:
-            cache.key_valid = torch.cat([cache.key_valid, torch.ones_like(cache.key_valid[:, :1])], dim=1)
-            cache.next_position = cache.next_position + 1
-            for layer, (key, value) in cache.kv.items():
-                cache.kv[layer] = (torch.cat([key, out[f"present.{layer}.key"]], dim=2),
-                                   torch.cat([value, out[f"present.{layer}.value"]], dim=2))
+            cache.append(out)
 
 
 # --------------------------------------------------------------------------------------

@@ -106,12 +106,6 @@ def prefill_mask(key_valid: torch.Tensor) -> torch.Tensor:
     return ((causal[None] & key_valid[:, None, :]) | itself[None])[:, None]
 
 
-def decode_mask(past_valid: torch.Tensor) -> torch.Tensor:
-    """[B, 1, 1, S+1] bool: the new token sees the valid past keys and itself."""
-    ones = torch.ones_like(past_valid[:, :1])
-    return torch.cat([past_valid, ones], dim=1)[:, None, None, :]
-
-
 def positions_from_valid(key_valid: torch.Tensor) -> torch.Tensor:
     """Contiguous positions 0..n-1 over each row's valid tokens (padding gets 0)."""
     return (torch.cumsum(key_valid.long(), dim=1) - 1).clamp_min(0)
@@ -121,12 +115,41 @@ def rotary(model, hidden: torch.Tensor, position_ids: torch.Tensor):
     return language_model(model).rotary_emb(hidden, position_ids)
 
 
+def attend_past_and_new(q, key, value, past_key, past_value, past_valid, scaling: float) -> torch.Tensor:
+    """One new token's attention over [past cache, itself] without building that concatenation.
+
+    q [B, H, 1, hd]; key, value [B, H_kv, 1, hd] (the new token's); past_key, past_value
+    [B, H_kv, C, hd] (the cache buffer at its capacity C); past_valid [B, C] bool (which cache
+    columns hold a key; the others are masked out). Scores against the past and against the
+    new key are taken separately and normalised by one softmax over both (a joint max and
+    sum), then the two weighted sums are added: the softmax over the concatenated keys,
+    without copying the cache. Query heads are grouped onto their key/value head by a view
+    (grouped-query attention without `repeat_kv`'s copy of the cache). Returns [B, H, 1, hd].
+    """
+    batch, heads, _, head_dim = q.shape
+    kv_heads = past_key.shape[1]
+    softmax_dtype = torch.promote_types(q.dtype, torch.float32)  # float16 graphs: softmax in float32
+    grouped = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)  # [B, H_kv, G, hd]
+    past_scores = (grouped @ past_key.transpose(-1, -2)).to(softmax_dtype) * scaling  # [B, H_kv, G, C]
+    past_scores = past_scores.masked_fill(~past_valid[:, None, None, :], float("-inf"))
+    new_score = (grouped * key).sum(-1, keepdim=True).to(softmax_dtype) * scaling  # [B, H_kv, G, 1]
+    top = torch.maximum(past_scores.amax(-1, keepdim=True), new_score)  # finite, as the new score is
+    past_weights = torch.exp(past_scores - top)
+    new_weight = torch.exp(new_score - top)
+    total = past_weights.sum(-1, keepdim=True) + new_weight
+    out = (past_weights / total).to(past_value.dtype) @ past_value \
+        + ((new_weight / total) * value.to(softmax_dtype)).to(value.dtype)
+    return out.reshape(batch, heads, 1, head_dim)
+
+
 def decoder_layer(layer, hidden, cos, sin, mask, past=None, score_rows: tuple[int, int] | None = None):
     """One Llama decoder layer with explicit mask and rotary tables.
 
-    past: optional (key, value) [B, H_kv, S_past, hd] for decoding.
+    Prefill (past None): mask [B, 1, S, S] bool (`prefill_mask`).
+    Decode (one token): past is (key, value) [B, H_kv, C, hd], the cache buffers at their
+        capacity, and mask [B, C] bool the valid cache columns (`attend_past_and_new`).
     score_rows: (start, stop) of query rows whose head-mean post-softmax attention
-        [B, stop-start, S_keys] (float32) is also returned. Only those rows are computed.
+        [B, stop-start, S_keys] (float32) is also returned. Only those rows are computed (prefill).
     Returns (hidden, (key, value) of this call's tokens, probs or None).
     """
     attn = layer.self_attn
@@ -137,10 +160,12 @@ def decoder_layer(layer, hidden, cos, sin, mask, past=None, score_rows: tuple[in
     k = attn.k_proj(x).view(shape).transpose(1, 2)
     v = attn.v_proj(x).view(shape).transpose(1, 2)
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
-    keys_r = repeat_kv(keys, attn.num_key_value_groups)
-    values_r = repeat_kv(values, attn.num_key_value_groups)
-    out = F.scaled_dot_product_attention(q, keys_r, values_r, attn_mask=mask, scale=attn.scaling)
+    if past is None:
+        keys_r = repeat_kv(k, attn.num_key_value_groups)
+        values_r = repeat_kv(v, attn.num_key_value_groups)
+        out = F.scaled_dot_product_attention(q, keys_r, values_r, attn_mask=mask, scale=attn.scaling)
+    else:  # decode: the cache is read in place, never concatenated with the new entries
+        out = attend_past_and_new(q, k, v, past[0], past[1], mask, attn.scaling)
 
     probs = None
     if score_rows is not None:

@@ -336,8 +336,8 @@ def method_output_name(graph_output: str) -> str:
 
 def tensor_axes(name: str, output: bool, segment_of_layer: dict | None = None) -> dict[int, str]:
     """The named dynamic axes of the method's tensor `name`, as a graph input or output.
-    `segment_of_layer` ({layer: segment}) is given for the decode graph only, whose caches
-    grow per segment (`past_len_<s>`); a decode step's `present.*` holds one new position."""
+    `segment_of_layer` ({layer: segment}) is given for the decode graph only, whose cache
+    capacity is per segment (`past_len_<s>`); a decode step's `present.*` holds one new position."""
     parts = name.split(".")
     decode = segment_of_layer is not None
     if parts[0] in ("past", "present"):
@@ -387,11 +387,13 @@ def graph_signature(module: nn.Module) -> GraphSignature:
 
 class DecodeStep(nn.Module):
     """One generated token through every layer, each segment's layers with their own cache
-    (its length, validity mask and the new token's position).
+    (its capacity, validity mask and the new token's position).
 
-    Inputs: token_ids [B, 1]; per segment s: key_valid.s [B, S_s], position.s [B]; per layer
-    past.l.key/value [B, H_kv, S_s, hd]. Outputs: logits [B, vocab] and this step's
-    present.l.key/value [B, H_kv, 1, hd] (the caller appends them)."""
+    Inputs: token_ids [B, 1]; per segment s: key_valid.s [B, C_s], position.s [B]; per layer
+    past.l.key/value [B, H_kv, C_s, hd]. The caches are buffers preallocated at their capacity
+    C_s (`decode_cache.DecodeCache`); key_valid.s marks the columns that hold a key. Outputs:
+    logits [B, vocab] and this step's present.l.key/value [B, H_kv, 1, hd] only: the graph
+    never concatenates the cache, the caller writes the new entries into the buffers."""
 
     def __init__(self, model, specs: list[SegmentSpec]):
         super().__init__()
@@ -405,7 +407,7 @@ class DecodeStep(nn.Module):
         out = {}
         for spec in self.specs:
             cos, sin = modeling.rotary(self.model, hidden, x[f"position.{spec.index}"][:, None])
-            mask = modeling.decode_mask(x[f"key_valid.{spec.index}"])
+            mask = x[f"key_valid.{spec.index}"]
             for layer_index in spec.layers:
                 past = (x[f"past.{layer_index}.key"], x[f"past.{layer_index}.value"])
                 hidden, (key, value), _ = modeling.decoder_layer(lm.layers[layer_index], hidden, cos, sin, mask, past=past)

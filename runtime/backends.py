@@ -106,9 +106,60 @@ class OnnxRuntimeExecutor(GraphExecutor):
         values = self.sessions[name].run(self._outputs[name], feed)
         return {method_output_name(o): torch.from_numpy(np.ascontiguousarray(v)) for o, v in zip(self._outputs[name], values)}
 
+    def decode(self, inputs: dict) -> dict:
+        """The decode graph through I/O binding: every input, the cache buffers included, is
+        bound where its torch tensor lies (no copy when it already has the graph's type and is
+        contiguous, as the loop's buffers are), and the outputs (logits and the new token's
+        entries, small) are written into torch tensors allocated here."""
+        session = self.sessions["decode"]
+        binding = session.io_binding()
+        types = self._types["decode"]
+        bound = []  # the bound tensors must live until the run is over
+        for name in self._inputs["decode"]:
+            value = _bindable(inputs[name], types[name])
+            binding.bind_input(name, value.device.type, value.device.index or 0, types[name], tuple(value.shape),
+                               value.data_ptr())
+            bound.append(value)
+        device = inputs["token_ids"].device
+        outputs = {}
+        for output in session.get_outputs():
+            shape = _decode_output_shape(output.name, output.shape, inputs)
+            value = torch.empty(shape, dtype=_TORCH_OF_NUMPY[_NUMPY_TYPES[output.type]], device=device)
+            binding.bind_output(output.name, value.device.type, value.device.index or 0, _NUMPY_TYPES[output.type],
+                                shape, value.data_ptr())
+            outputs[method_output_name(output.name)] = value
+        binding.synchronize_inputs()
+        session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        return outputs
+
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": np.float32,
                 "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+_TORCH_OF_NUMPY = {np.float32: torch.float32, np.float16: torch.float16, np.int64: torch.int64,
+                   np.int32: torch.int32, np.bool_: torch.bool}
+
+
+def _decode_output_shape(name: str, declared: list, inputs: dict) -> tuple:
+    """The shape of a decode graph output, known before the run (so it can be bound):
+    `present.<l>.<key|value>` is the new token's entry, `past.<l>.<...>`'s shape with one
+    column; the others (logits [batch, vocab]) have fixed sizes but for `batch`."""
+    parts = name.split(".")
+    if parts[0] == "present":
+        past = inputs[f"past.{parts[1]}.{parts[2]}"].shape
+        return (past[0], past[1], 1, past[3])
+    batch = inputs["token_ids"].shape[0]
+    shape = tuple(batch if d == "batch" else d for d in declared)
+    if not all(isinstance(d, int) for d in shape):
+        raise ArtifactError(f"onnxruntime backend: decode output {name!r} has shape {declared}; expected fixed "
+                            "sizes but for 'batch'")
+    return shape
+
+
+def _bindable(tensor: torch.Tensor, numpy_type) -> torch.Tensor:
+    """`tensor` as ONNX Runtime can read it in place: the graph input's type, contiguous
+    (the tensor itself when it already is; a cast or a strided view is copied)."""
+    return tensor.detach().to(_TORCH_OF_NUMPY[numpy_type]).contiguous()
 
 
 def torch_executor(artifact: Artifact, model: str | None = None, device: str = "cpu"):
@@ -367,6 +418,11 @@ class TensorRTExecutor(GraphExecutor):
                        for tensor in inputs} for index in range(engine.num_optimization_profiles)]
             self._bounds_cache[name] = bounds  # a racing thread computes the same value
         return bounds
+
+    def cache_buffer(self, shape, dtype: torch.dtype, device) -> torch.Tensor:
+        """The decode caches' buffers (methods/decode_cache.py): aligned device memory, so the
+        decode graph binds them by their own address at every token (`aligned` copies nothing)."""
+        return empty_aligned(shape, dtype, self.device)
 
     def _set_address(self, graph: str, context, tensor: str, value: torch.Tensor) -> None:
         # An empty tensor's data_ptr() is 0, and TensorRT wants a non-null address for every

@@ -11,12 +11,13 @@ profiles `sparsevlm-build` builds and the recorded shapes. Then:
   inputs: `visual_in`/`seq_in` come from the previous segment, `visual_width` from the
   bucket), and it is the choice the runtime's profile rule reported in the run output (so
   the executor, from the shapes alone, and the runtime agree);
-- decode at the real new-token bound (`MAX_NEW_TOKENS`): runs here stop after a few tokens,
-  so the cache lengths of the last call of a `MAX_NEW_TOKENS` generation are extrapolated
-  from the recorded steps (which grow by exactly one per step), and each `past_len_<s>`
-  maximum must equal the largest cache segment s can hold: the longest prefix and text, the
-  widest visual region segment s's layers run at (the vision width for s = 0, else the
-  widest bucket of segment s) and the new tokens.
+- decode at the real new-token bound (`MAX_NEW_TOKENS`): runs here stop after a few tokens;
+  every decode call of a run sees the same cache buffers, at their capacity (the prefill
+  width + new tokens - 1, asserted), so the call of a `MAX_NEW_TOKENS` generation is the
+  recorded one with the capacity grown by the difference in new tokens, and each
+  `past_len_<s>` maximum must equal the largest cache segment s can hold: the longest prefix
+  and text, the widest visual region segment s's layers run at (the vision width for s = 0,
+  else the widest bucket of segment s) and the new tokens.
 
 Every method runs, at batch 1 and at batch 3 (prompts of different lengths). The rank rules
 run with the default buckets and with buckets calibrated on the demo model the way
@@ -49,7 +50,7 @@ from sparsevlm.methods.profiles import profile_for_shapes  # noqa: E402
 from sparsevlm.runtime import Pipeline  # noqa: E402
 from sparsevlm.runtime.artifact import Artifact  # noqa: E402
 
-NEW_TOKENS = 4  # decode calls at steps 0..2; the real bound is checked by extrapolation
+NEW_TOKENS = 4  # decode calls at steps 0..2 (caches of capacity prefill + 3); the real bound by extrapolation
 BATCHES = (1, 3)
 
 # Exported by tests/export_helpers.py (shared with the export and runtime tests).
@@ -131,33 +132,32 @@ def past_len_axes(manifest: dict) -> dict:
 
 
 def last_decode_call(manifest: dict, decode_calls: list[dict], max_new_tokens: int) -> dict:
-    """The decode call at the last step of a `max_new_tokens` generation, from the recorded
-    ones: every cache grows by one token per step (asserted), the first call holds the
-    prefill, and the last call of n new tokens is step n - 2 (the first token comes from
-    the prefill, the last one needs no decode call)."""
+    """A decode call of a `max_new_tokens` generation, from the recorded ones of a
+    NEW_TOKENS generation: every call sees the same cache capacity (asserted), the prefill
+    width + new tokens - 1 (the first token comes from the prefill, the last one is never
+    fed back), so it grows by the difference in new tokens."""
     axes = past_len_axes(manifest)
     first = decode_calls[0]["shapes"]
     for step, call in enumerate(decode_calls):
-        for name, cache_axes in axes.items():
-            for axis in cache_axes:
-                assert call["shapes"][name][axis] == first[name][axis] + step, f"decode step {step}: {name}"
+        assert call["shapes"] == first, f"decode step {step}: the cache shapes changed"
     grown = dict(first)
     for name, cache_axes in axes.items():
         shape = list(first[name])
         for axis in cache_axes:
-            shape[axis] += max_new_tokens - 2
+            shape[axis] += max_new_tokens - NEW_TOKENS
         grown[name] = tuple(shape)
     return {"graph": "decode", "shapes": grown, "profile": None}
 
 
 def cached_visual_widths(calls: list[dict]) -> list[int]:
-    """Per segment, the visual tokens its KV cache holds at the first decode step: the
-    cache width minus the prompt's prefix and text regions."""
+    """Per segment, the visual tokens its KV cache holds after the prefill: the decode
+    cache's capacity minus the room for the new tokens (NEW_TOKENS - 1) and the prompt's
+    prefix and text regions."""
     first_segment = next(c for c in calls if c["graph"] == "segment_0")["shapes"]
     prompt = first_segment["prefix_ids"][1] + first_segment["text_ids"][1]
     first_decode = next(c for c in calls if c["graph"] == "decode")["shapes"]
     segments = sorted(int(name.split(".")[1]) for name in first_decode if name.startswith("key_valid."))
-    return [first_decode[f"key_valid.{s}"][1] - prompt for s in segments]
+    return [first_decode[f"key_valid.{s}"][1] - (NEW_TOKENS - 1) - prompt for s in segments]
 
 
 def own_visual_width_max(manifest: dict, plan, segment: int) -> int:

@@ -431,6 +431,30 @@ def test_empty_tensors_get_a_non_null_aligned_address(tmp_path, plugin_library):
     assert all(address and address % TENSOR_ALIGNMENT == 0 for address in addresses.values())
 
 
+def test_decode_binds_the_cache_buffers_by_their_own_address(tmp_path, plugin_library):
+    """The decode caches (methods/decode_cache.py) are allocated by the executor's
+    `cache_buffer`, aligned, so every decode step binds the buffer itself (no copy), at a
+    capacity inside the decode profile's `past_len` range, and reads what the host wrote into
+    it in place between steps."""
+    log = []
+    engines = fake_engines(log)
+    engines["decode"] = FakeEngine({"token_ids": (DataType.INT64, [((1, 1), (1, 1), (8, 1))]),
+                                    "past.0.key": (DataType.FLOAT, [((1, 2, 1, 4), (1, 2, 16, 4), (8, 2, 64, 4))])},
+                                   {"logits": (DataType.FLOAT, "token_ids"),
+                                    "past_read": (DataType.FLOAT, "past.0.key")}, [3000], log)
+    executor, trt = make_executor(tmp_path, plugin_library, log=log, engines=engines)
+    context = trt.engines["decode"].contexts[0]
+    for shape in [(2, 2, 10, 4), (1, 2, 3, 4), (3, 2, 17, 4)]:
+        assert executor.cache_buffer(shape, torch.float32, torch.device("cpu")).data_ptr() % TENSOR_ALIGNMENT == 0
+    cache = executor.cache_buffer((2, 2, 10, 4), torch.float32, torch.device("cpu"))
+    cache.zero_()
+    for step in range(3):
+        cache[:, :, step] = step + 1.0  # the host writes the new column in place
+        out = executor.decode({"token_ids": torch.tensor([[5], [6]]), "past.0.key": cache})
+        assert context.addresses["past.0.key"] == cache.data_ptr()
+        assert torch.equal(out["past_read"], cache * 2 + 1)  # the engine read the buffer as it is now
+
+
 def test_segment_outputs_are_renamed_and_run_in_the_profile_their_shapes_select(tmp_path, plugin_library):
     executor, trt = make_executor(tmp_path, plugin_library)
     contexts = trt.engines["segment_0"].contexts
