@@ -102,8 +102,11 @@ class _ShortVisualExecutor(_RecordingExecutor):
         self.tokens = tokens
 
     def vision(self, pixel_values):
-        out = super().vision(pixel_values)
-        return {name: value[:, :self.tokens] for name, value in out.items()}
+        out = {name: value[:, :self.tokens] for name, value in super().vision(pixel_values).items()}
+        if "kept_mask" in out:  # anyres FasterVLM: its first tokens may hold no kept one; keep one
+            out["kept_mask"] = out["kept_mask"].clone()
+            out["kept_mask"][:, 0] = True
+        return out
 
 
 def example_visual_tokens(plan) -> int:
