@@ -44,8 +44,7 @@ from sparsevlm.cli import (OptionError, add_method_arguments, add_quiet_flag, ad
                            method_budgets_from_args, method_options_from_args)
 from sparsevlm.methods.files import atomic_directory, check_output_directory, is_toolkit_output
 from sparsevlm.methods.config import SparseVLMConfig, resolve_for_spec
-from sparsevlm.methods.generation import (TorchExecutor, decode_tokens, make_region_batch, prefill, SamplingParams,
-                                          visual_inputs)
+from sparsevlm.methods.generation import TorchExecutor, decode_tokens, make_region_batch, prefill, SamplingParams
 from sparsevlm.methods.loading import config_sha256, load_model
 from sparsevlm.methods.segments import DecodeStep, PrefillSegment, VisionEncoder, graph_signature, plan_segments
 from sparsevlm.methods.spec import ModelSpec
@@ -115,11 +114,19 @@ def example_visual_tokens(plan) -> int:
     return min(needed, plan.vision_width)
 
 
-def example_image_sizes(spec: ModelSpec) -> list[tuple[int, int]]:
-    """Anyres example images: the first pinpoint's size and a narrower one (unpadded), so
-    the two rows have different visual counts. Their few tiles keep the traced CLIP cheap."""
-    height, width = spec.image_grid_pinpoints[0]
-    return [(height, width), (height, max(1, width * 3 // 4))]
+def example_anyres_inputs(spec: ModelSpec, tokens: int, dtype: torch.dtype, generator) -> tuple[dict, list[int]]:
+    """Anyres vision inputs for the tracing example, and each row's visual count: one CLIP
+    tile per row (a real image takes 3-5 tiles of the ViT, the costly part of tracing a 7B
+    model on a CPU) and, per row, `tokens` gather indices into the two tiles' patches and the
+    newline, the second row shorter. The vision graph only gathers by these indices, so every
+    layout traces to the same graph (the parity tests run real layouts)."""
+    size, per_tile = spec.image_size, spec.tile_tokens
+    tiles = torch.randn(2, 3, size, size, generator=generator).to(dtype)
+    index = torch.stack([(torch.arange(tokens) + row * per_tile) % (2 * per_tile) for row in range(2)])
+    index[:, tokens // 2] = 2 * per_tile  # an image_newline
+    valid = torch.ones(2, tokens, dtype=torch.bool)
+    valid[1, tokens - tokens // 4:] = False
+    return {"tiles": tiles, "image_index": index, "image_valid": valid}, valid.sum(dim=1).tolist()
 
 
 def _example_run(model, plan, spec: ModelSpec):
@@ -130,12 +137,12 @@ def _example_run(model, plan, spec: ModelSpec):
     draw = lambda n: [t for t in torch.randint(3, vocab, (2 * n,), generator=gen).tolist() if t != image][:n]
     ids = [[1] + draw(3) + [image] + draw(9), [1] + draw(5) + [image] + draw(6)]
     size = config.vision_config.image_size
-    sizes = example_image_sizes(spec) if spec.anyres else None
-    tiles = (spec.max_tiles,) if spec.anyres else ()
-    pixels = torch.randn(2, *tiles, 3, size, size, generator=gen).to(model.dtype)
     tokens = example_visual_tokens(plan)
     executor = _ShortVisualExecutor(model, plan, tokens)
-    vision_in, counts = visual_inputs(spec, pixels, sizes, 2)
+    if spec.anyres:
+        vision_in, counts = example_anyres_inputs(spec, tokens, model.dtype, gen)
+    else:
+        vision_in, counts = torch.randn(2, 3, size, size, generator=gen).to(model.dtype), plan.num_visual
     batch = make_region_batch(ids, image, counts, 0)
     result = prefill(executor, plan, batch, vision_in)
     for _ in decode_tokens(executor, plan_segments(plan), result, SamplingParams(max_new_tokens=2)):
