@@ -330,3 +330,19 @@ def test_a_manifest_written_before_anyres_reads_as_llava15():
     spec = ModelSpec.from_json(old)
     assert spec.model_type == "llava" and not spec.anyres
     assert spec.tile_tokens == 576 and spec.min_visual == 576 and spec.max_tiles == 1
+
+
+@pytest.mark.parametrize("alias, text_type, layers", [("llava-v1.6-vicuna-7b", "llama", 32),
+                                                      ("llava-v1.6-vicuna-13b", "llama", 40),
+                                                      ("llava-v1.6-mistral-7b", "mistral", 32)])
+def test_aliases_build_the_published_next_architectures(alias, text_type, layers):
+    from sparsevlm.methods.loading import load_config
+    from sparsevlm.methods.modeling import check_config
+    config, location = load_config(alias, random_weights=True)
+    assert location == f"llava-hf/{alias}-hf" and config.model_type == "llava_next"
+    check_config(config)  # supported as it is (Mistral: no sliding window)
+    assert config.text_config.model_type == text_type and config.text_config.num_hidden_layers == layers
+    spec = ModelSpec.from_hf_config(config)
+    # 672x672 on LLaVA-v1.6's pinpoints: 576 + 48 x 49 tokens, the most any image gets
+    assert spec.anyres and spec.num_visual == 2928 and spec.vocab_size == 32064 and spec.image_token_id == 32000
+    assert layout_for(spec, (672, 672)).count == 2928 and spec.max_tiles == 5
