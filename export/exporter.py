@@ -129,9 +129,10 @@ def example_anyres_inputs(spec: ModelSpec, tokens: int, dtype: torch.dtype, gene
     return {"tiles": tiles, "image_index": index, "image_valid": valid}, valid.sum(dim=1).tolist()
 
 
-def _example_run(model, plan, spec: ModelSpec):
+def _example_run(model, plan, spec: ModelSpec | None = None):
     """Two prompts of different lengths through the method; records every graph's inputs."""
     config = model.config
+    spec = spec or ModelSpec.from_hf_config(config)
     vocab, image = config.text_config.vocab_size, config.image_token_id
     gen = torch.Generator().manual_seed(0)
     draw = lambda n: [t for t in torch.randint(3, vocab, (2 * n,), generator=gen).tolist() if t != image][:n]
