@@ -44,7 +44,8 @@ from sparsevlm.cli import (OptionError, add_method_arguments, add_quiet_flag, ad
                            method_budgets_from_args, method_options_from_args)
 from sparsevlm.methods.files import atomic_directory, check_output_directory, is_toolkit_output
 from sparsevlm.methods.config import SparseVLMConfig, resolve_for_spec
-from sparsevlm.methods.generation import TorchExecutor, build_batch, decode_tokens, prefill, SamplingParams
+from sparsevlm.methods.generation import (TorchExecutor, build_batch, decode_tokens, make_region_batch, prefill,
+                                             SamplingParams)
 from sparsevlm.methods.loading import config_sha256, load_model
 from sparsevlm.methods.segments import DecodeStep, PrefillSegment, VisionEncoder, graph_signature, plan_segments
 from sparsevlm.methods.spec import ModelSpec
@@ -101,8 +102,11 @@ class _ShortVisualExecutor(_RecordingExecutor):
         self.tokens = tokens
 
     def vision(self, pixel_values):
-        out = super().vision(pixel_values)
-        return {name: value[:, :self.tokens] for name, value in out.items()}
+        out = {name: value[:, :self.tokens] for name, value in super().vision(pixel_values).items()}
+        if "kept_mask" in out:  # anyres FasterVLM: its first tokens may hold no kept one; keep one
+            out["kept_mask"] = out["kept_mask"].clone()
+            out["kept_mask"][:, 0] = True
+        return out
 
 
 def example_visual_tokens(plan) -> int:
@@ -111,31 +115,42 @@ def example_visual_tokens(plan) -> int:
     return min(needed, plan.vision_width)
 
 
-def example_image_sizes(spec: ModelSpec) -> list[tuple[int, int]]:
-    """Anyres example images: the first pinpoint's size and a narrower one (unpadded), so
-    the two rows have different visual counts. Their few tiles keep the traced CLIP cheap."""
-    height, width = spec.image_grid_pinpoints[0]
-    return [(height, width), (height, max(1, width * 3 // 4))]
+def example_anyres_inputs(spec: ModelSpec, tokens: int, dtype: torch.dtype, generator) -> tuple[dict, list[int]]:
+    """Anyres vision inputs for the tracing example, and each row's visual count: one CLIP
+    tile per row (a real image takes 3-5 tiles of the ViT, the costly part of tracing a 7B
+    model on a CPU) and, per row, `tokens` gather indices into the two tiles' patches and the
+    newline, the second row shorter. The vision graph only gathers by these indices, so every
+    layout traces to the same graph (the parity tests run real layouts)."""
+    size, per_tile = spec.image_size, spec.tile_tokens
+    tiles = torch.randn(2, 3, size, size, generator=generator).to(dtype)
+    index = torch.stack([(torch.arange(tokens) + row * per_tile) % (2 * per_tile) for row in range(2)])
+    index[:, tokens // 2] = 2 * per_tile  # an image_newline
+    valid = torch.ones(2, tokens, dtype=torch.bool)
+    valid[1, tokens - tokens // 4:] = False
+    return {"tiles": tiles, "image_index": index, "image_valid": valid}, valid.sum(dim=1).tolist()
 
 
-def _example_run(model, plan, spec: ModelSpec):
+def _example_run(model, plan, spec: ModelSpec | None = None):
     """Two prompts of different lengths through the method; records every graph's inputs."""
     config = model.config
+    spec = spec or ModelSpec.from_hf_config(config)
     vocab, image = config.text_config.vocab_size, config.image_token_id
     gen = torch.Generator().manual_seed(0)
     draw = lambda n: [t for t in torch.randint(3, vocab, (2 * n,), generator=gen).tolist() if t != image][:n]
     ids = [[1] + draw(3) + [image] + draw(9), [1] + draw(5) + [image] + draw(6)]
+    tokens = example_visual_tokens(plan)
+    executor = _ShortVisualExecutor(model, plan, tokens)
     if spec.mrope:  # Qwen2.5-VL: two small images of different grids (24 and 12 visual tokens)
         from sparsevlm.methods.qwen2_5_vl import example_images, layout_config
         pixels, sizes = example_images(layout_config(spec), dtype=model.dtype)
+        vision_in, _, batch = build_batch(spec, ids, pixels, sizes, pad_id=0)
+    elif spec.anyres:
+        vision_in, counts = example_anyres_inputs(spec, tokens, model.dtype, gen)
+        batch = make_region_batch(ids, image, counts, 0)
     else:
         size = config.vision_config.image_size
-        sizes = example_image_sizes(spec) if spec.anyres else None
-        tiles = (spec.max_tiles,) if spec.anyres else ()
-        pixels = torch.randn(2, *tiles, 3, size, size, generator=gen).to(model.dtype)
-    tokens = example_visual_tokens(plan)
-    executor = _ShortVisualExecutor(model, plan, tokens)
-    vision_in, _, batch = build_batch(spec, ids, pixels, sizes, pad_id=0)
+        vision_in = torch.randn(2, 3, size, size, generator=gen).to(model.dtype)
+        batch = make_region_batch(ids, image, plan.num_visual, 0)
     result = prefill(executor, plan, batch, vision_in)
     for _ in decode_tokens(executor, plan_segments(plan), result, SamplingParams(max_new_tokens=2)):
         pass

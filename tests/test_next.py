@@ -301,3 +301,48 @@ def test_calibration_buckets_serve_every_images_widths(next_dir, next_artifacts,
         assert all(any(lo <= w <= hi for lo, _, hi in ranges) for w in segment_widths)
         for width in segment_widths:
             select_profile(ranges, width, index)  # served (raises ProfileError otherwise)
+
+
+# ------------------------------------------------------------------------------------------
+# Inputs and older manifests
+
+
+def test_missing_or_wrong_image_sizes_are_one_line_errors(hf_next, next_processor, next_images):
+    from sparsevlm.methods.generation import InputError
+    vlm = SparseLlava(hf_next, SparseVLMConfig(method="none"), next_processor)
+    inputs = vlm.prepare(next_images[:1], PROMPTS[:1])
+    with pytest.raises(InputError, match="^image_sizes: a LLaVA-NeXT model needs"):
+        vlm.generate(inputs["input_ids"], inputs["pixel_values"], max_new_tokens=1)
+    with pytest.raises(InputError, match=r"^image_sizes: expected 1 \(height, width\) pairs"):
+        vlm.generate(inputs["input_ids"], inputs["pixel_values"], max_new_tokens=1, image_sizes=[(100,)])
+    with pytest.raises(InputError, match=r"^pixel_values: expected shape \(1, >= 5, 3, 84, 84\)"):
+        vlm.generate(inputs["input_ids"], inputs["pixel_values"][:, :3], max_new_tokens=1,  # a 5-tile image
+                     image_sizes=inputs["image_sizes"])
+    with pytest.raises(InputError, match=r"^pixel_values: expected shape \(1, tiles, 3, 84, 84\)"):
+        vlm.generate(inputs["input_ids"], inputs["pixel_values"][:, 0], max_new_tokens=1,
+                     image_sizes=inputs["image_sizes"])
+
+
+def test_a_manifest_written_before_anyres_reads_as_llava15():
+    old = {"num_layers": 22, "hidden_size": 64, "intermediate_size": 128, "vocab_size": 512, "num_visual": 576,
+           "image_token_id": 4, "image_size": 336, "pad_token_id": 3, "max_position_embeddings": 2048,
+           "source": "x", "config_sha256": "y"}
+    spec = ModelSpec.from_json(old)
+    assert spec.model_type == "llava" and not spec.anyres
+    assert spec.tile_tokens == 576 and spec.min_visual == 576 and spec.max_tiles == 1
+
+
+@pytest.mark.parametrize("alias, text_type, layers", [("llava-v1.6-vicuna-7b", "llama", 32),
+                                                      ("llava-v1.6-vicuna-13b", "llama", 40),
+                                                      ("llava-v1.6-mistral-7b", "mistral", 32)])
+def test_aliases_build_the_published_next_architectures(alias, text_type, layers):
+    from sparsevlm.methods.loading import load_config
+    from sparsevlm.methods.modeling import check_config
+    config, location = load_config(alias, random_weights=True)
+    assert location == f"llava-hf/{alias}-hf" and config.model_type == "llava_next"
+    check_config(config)  # supported as it is (Mistral: no sliding window)
+    assert config.text_config.model_type == text_type and config.text_config.num_hidden_layers == layers
+    spec = ModelSpec.from_hf_config(config)
+    # 672x672 on LLaVA-v1.6's pinpoints: 576 + 48 x 49 tokens, the most any image gets
+    assert spec.anyres and spec.num_visual == 2928 and spec.vocab_size == 32064 and spec.image_token_id == 32000
+    assert layout_for(spec, (672, 672)).count == 2928 and spec.max_tiles == 5
