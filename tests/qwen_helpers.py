@@ -95,7 +95,7 @@ def blocks_greedy(model, input_ids: list[int], pixel_values, grid_thw, steps: in
         tokens.append(int(token))
         hidden = lm.embed_tokens(token[:, None])
         cos, sin = modeling.rotary(model, hidden, torch.tensor([[next_position + step]]))
-        mask = modeling.decode_mask(torch.ones(1, seq + step, dtype=torch.bool))
+        mask = torch.ones(1, seq + step, dtype=torch.bool)  # every cached column is valid
         for index, layer in enumerate(lm.layers):
             hidden, (key, value), _ = modeling.decoder_layer(layer, hidden, cos, sin, mask, past=caches[index])
             caches[index] = (torch.cat([caches[index][0], key], 2), torch.cat([caches[index][1], value], 2))

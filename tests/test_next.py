@@ -14,24 +14,21 @@ The model has 8 decoder layers (export time), so SparseVLM runs with explicit pr
 
 from __future__ import annotations
 
-import threading
 
 import numpy as np
 import pytest
 import torch
 
-from export_helpers import RecordingExecutor, assert_same_decisions, engine_profiles
+from export_helpers import assert_calls_fit_profiles, assert_same_decisions
 
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
 
 from sparsevlm.export import export  # noqa: E402
 from sparsevlm.export import profiles as profile_lib  # noqa: E402
-from sparsevlm.export.trt_build import plan_engines  # noqa: E402
 from sparsevlm.methods import SparseLlava, SparseVLMConfig  # noqa: E402
 from sparsevlm.methods.accounting import layer_flops  # noqa: E402
 from sparsevlm.methods.anyres import layout_for, vision_inputs  # noqa: E402
 from sparsevlm.methods.config import V15_SCHEDULES  # noqa: E402
-from sparsevlm.methods.profiles import profile_for_shapes  # noqa: E402
 from sparsevlm.methods.spec import ModelSpec  # noqa: E402
 from sparsevlm.runtime import Pipeline  # noqa: E402
 
@@ -210,43 +207,11 @@ def test_torch_equals_onnxruntime(name, batch, next_runs):
 # Optimization profiles (what sparsevlm-build gives TensorRT) hold every call
 
 
-def _fits(spec_list, shapes) -> bool:
-    for spec in spec_list:
-        shape = shapes[spec.name]
-        if len(shape) != len(spec.min) or not all(lo <= d <= hi for lo, d, hi in zip(spec.min, shape, spec.max)):
-            return False
-    return True
-
-
 @pytest.mark.parametrize("name", list(METHODS))
 def test_every_graph_call_fits_its_profile(name, next_artifacts, next_images):
     pipe = Pipeline.load(next_artifacts(name), backend="onnxruntime", threads=1)
-    manifest = pipe.artifact.manifest
-    plans = {p.name: p for p in plan_engines(manifest)}
-    profiles = engine_profiles(manifest)
-    pruning = {s["graph"] for s in manifest["segments"] if s["profile_dim"]}
-    for batch in (1, 3):
-        recorder = RecordingExecutor(pipe.executor, manifest)
-        out = Pipeline(pipe.artifact, recorder, pipe.backend).generate(
-            next_images[:batch], PROMPTS[:batch], max_new_tokens=3, temperature=0.0, stop_token_ids=())
-        calls = recorder.calls[threading.get_ident()]
-        assert [graph for graph, _ in calls][0] == "vision"
-        chosen = {}
-        for graph, shapes in calls:
-            profile = profile_for_shapes(profiles[graph], shapes)
-            assert profile is not None, f"batch {batch}: {graph} {shapes} fits no profile"
-            assert _fits(plans[graph].profiles[profile], shapes)
-            if graph in pruning:
-                chosen[graph] = profile
-        assert chosen == {f"segment_{c['segment']}": c["profile"] for c in out.profiles}
-        # the decode caches at the new-token bound: every cache grows by one per step
-        decode = [shapes for graph, shapes in calls if graph == "decode"]
-        grown = {}
-        for tensor, shape in decode[0].items():
-            axes = [i for i, dim in enumerate(next(s for s in manifest["graphs"]["decode"]["inputs"]
-                                                   if s["name"] == tensor)["shape"]) if str(dim).startswith("past")]
-            grown[tensor] = tuple(d + profile_lib.MAX_NEW_TOKENS - 2 if i in axes else d for i, d in enumerate(shape))
-        assert profile_for_shapes(profiles["decode"], grown) is not None
+    for batch in (1, 3):  # batch 3: three images of different sizes, so three visual counts
+        assert_calls_fit_profiles(pipe, next_images[:batch], PROMPTS[:batch])
 
 
 def test_profiles_span_the_pinpoints_visual_counts(next_artifacts, hf_next):
