@@ -71,7 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=7, help="interleaved runs per setting and backend (median)")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads (ONNX Runtime and torch)")
     p.add_argument("--quick", action="store_true",
-                   help=f"tiny model (hidden 64), one repeat, settings {', '.join(QUICK_SETTINGS)}: checks the script runs")
+                   help="tiny model (hidden 64), one repeat, settings "
+                        f"{', '.join(QUICK_SETTINGS).replace('%', '%%')}: checks the script runs")
     p.add_argument("--profile", action="store_true", help="also print where ONNX Runtime's prefill time goes")
     p.add_argument("--work", type=Path, default=None, help="directory for the model and artifacts (default: a temp dir)")
     p.add_argument("--reuse", action="store_true", help="keep the model and artifacts already in --work")
