@@ -117,7 +117,12 @@ def build_demo_model(out_dir: str | Path | None = None, seed: int = 0, num_layer
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
                                vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
                                num_additional_image_tokens=1)
-    # wait: concurrent first uses share the cache; replaceable: only a demo checkpoint is rebuilt over
+    return save_demo_checkpoint(out, model, processor)
+
+
+def save_demo_checkpoint(out: Path, model, processor) -> Path:
+    """Write a built-in test checkpoint (safetensors weights + processor) to `out` atomically.
+    wait: concurrent first uses share the cache; replaceable: only a checkpoint is rebuilt over."""
     with atomic_directory(out, wait=True, replaceable=lambda path: (path / "config.json").exists()
                           and (path / "model.safetensors").exists()) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

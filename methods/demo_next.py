@@ -14,8 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .demo_model import CHAT_TEMPLATE, build_tokenizer, default_demo_dir, separate_decisions
-from .files import atomic_directory
+from .demo_model import CHAT_TEMPLATE, build_tokenizer, default_demo_dir, save_demo_checkpoint, separate_decisions
 
 DEMO_NEXT_NAME = "sparsevlm-demo-next"
 TILE_SIZE, PATCH_SIZE = 84, 14
@@ -63,8 +62,4 @@ def build_demo_next_model(out_dir: str | Path | None = None, seed: int = 0, num_
     processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
                                    vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
                                    num_additional_image_tokens=1)
-    with atomic_directory(out, wait=True, replaceable=lambda path: (path / "config.json").exists()
-                          and (path / "model.safetensors").exists()) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        processor.save_pretrained(tmp)
-    return out
+    return save_demo_checkpoint(out, model, processor)
