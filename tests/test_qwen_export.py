@@ -170,3 +170,42 @@ def test_fastervlm_refused_by_the_export_command(qwen8_dir, tmp_path, capsys):
                         "--out", tmp_path / "out", capsys=capsys)
     last = assert_user_error(result, "sparsevlm-export", "fastervlm", "[CLS]")
     assert "Qwen2.5-VL" in last and not (tmp_path / "out").exists()
+
+
+def test_qwen_artifact_served_by_a_real_tritonserver(qwen8_artifacts, tmp_path):
+    """A REAL tritonserver (nvidia-pytriton's, Python backend) serves a Qwen2.5-VL artifact in
+    the TensorRT flavour's layout with every graph on ONNX Runtime: three images of different
+    sizes (three visual counts) give the in-process runtime's answers, over HTTP and gRPC."""
+    import io
+
+    pytest.importorskip("tritonclient.grpc", reason="tritonclient[http,grpc] is not installed")
+    pytest.importorskip("tritonclient.http", reason="tritonclient[http] is not installed")
+    from sparsevlm.runtime.triton import RepoError
+    from sparsevlm.runtime.triton.client import SparseVLMClient
+    from sparsevlm.runtime.triton.repository import write_repository
+    from sparsevlm.runtime.triton.server import LocalTritonServer, find_server
+    from sparsevlm.runtime.triton.validation import validate_repository
+    try:
+        find_server()
+    except RepoError as error:
+        pytest.skip(f"no usable nvidia-pytriton tritonserver: {error}")
+
+    artifact = qwen8_artifacts("sparsevlm_v15_b192")
+    info = write_repository(artifact, tmp_path / "repo", flavour="tensorrt", graph_backend="onnxruntime", max_batch=4)
+    assert validate_repository(info.path) == []
+    pipe = pipeline(artifact, "onnxruntime")
+    server = LocalTritonServer(info.path, ready_timeout=400)
+    server.start()
+    try:
+        for n, (image, prompt) in enumerate(zip(make_images(), PROMPTS)):
+            png = io.BytesIO()
+            image.save(png, format="PNG")
+            url = server.http_url if n % 2 == 0 else server.grpc_url
+            with SparseVLMClient(url, "http" if n % 2 == 0 else "grpc") as client:
+                answer = client.generate(png.getvalue(), prompt, max_new_tokens=5)
+            want = pipe.generate([image], [prompt], max_new_tokens=5)
+            assert (answer.text, answer.token_ids, answer.kept_per_layer) == \
+                (want.texts[0], want.token_ids[0], want.kept_per_layer[0]), f"image {n}"
+    finally:
+        server.stop()
+    assert server.proc.returncode == 0 and server.leftover_pids == [], server.log_tail()
