@@ -23,7 +23,6 @@ from export_helpers import assert_calls_fit_profiles, assert_same_decisions
 
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
 
-from sparsevlm.export import export  # noqa: E402
 from sparsevlm.export import profiles as profile_lib  # noqa: E402
 from sparsevlm.methods import SparseLlava, SparseVLMConfig  # noqa: E402
 from sparsevlm.methods.accounting import layer_flops  # noqa: E402
