@@ -18,6 +18,10 @@ vision-included prefill (how many times faster the exported model answers). Ever
 timed on two clocks and printed as two tables: elapsed time, and this process's CPU time
 (all threads), which stays meaningful when other processes share the cores; the
 `efficiency (fastest runs)` column uses each setting's fastest run instead of the median.
+The torch backend runs as the runtime runs it on the CPU, its linear layers on oneDNN-packed
+weights (methods/cpu_linear.py). A third table times the decoder's linear layers alone at
+each setting's per-layer token counts: how far the GEMM library itself lets the time follow
+the tokens at those row counts (`linear efficiency`), the bound under the end-to-end figures.
 
 The model is a random LLaVA-1.5-shaped checkpoint built in code (the demo architecture
 widened: CLIP 336/14 with 576 patches, a Llama of `--layers` x `--hidden`, MLP 2 x hidden).
@@ -62,6 +66,7 @@ QUICK_SETTINGS = ("unpruned", "SparseVLM v1.5 64", "FasterVLM 95%")  # --quick: 
 BACKENDS = ("onnxruntime", "torch")
 COLUMNS = ["backend", "setting", "LLM prefill ms", "time ratio", "FLOPs ratio", "efficiency",
            "efficiency (fastest runs)", "with vision ms", "time ratio (vision)", "vs transformers"]
+LINEAR_COLUMNS = ["backend", "setting", "linear ms", "tokens ratio", "time ratio", "linear efficiency"]
 
 
 def parse_args(argv=None):
@@ -150,6 +155,7 @@ def timed_vision(executor, seconds: list) -> None:
 
 def build(args, work: Path):
     """The model, one artifact per setting, a pipeline per backend and setting, the baseline."""
+    from sparsevlm.methods.cpu_linear import with_packed_linears
     from sparsevlm.methods.generation import TorchExecutor
     from sparsevlm.methods.loading import load_model
 
@@ -163,7 +169,9 @@ def build(args, work: Path):
             print(f"exported {label} in {time.perf_counter() - t0:.1f} s", flush=True)
             gc.collect()
         artifacts[label] = Artifact.load(where)
-    torch_model, _ = load_model(str(model_dir))  # one model shared by every torch-backend setting
+    # one model shared by every torch-backend setting; on the CPU with oneDNN-packed linear
+    # weights, as the runtime's torch backend runs it (methods/cpu_linear.py)
+    torch_model = with_packed_linears(load_model(str(model_dir))[0])
     pipes = {}
     for label, artifact in artifacts.items():
         prefill_graphs = [name for name in graph_names(artifact) if name != "decode"]  # half the memory
@@ -184,7 +192,7 @@ def measure(args, pipes, prepared, baseline) -> dict:
     for clock in CLOCKS:
         for name in ("forward", "language_model", "first_token"):
             samples[clock]["transformers", name] = {"total": []}
-    flops = {}
+    flops, tokens = {}, {}
     vision_seconds = {key: [] for key in pipes}
     for key, pipe in pipes.items():
         timed_vision(pipe.executor, vision_seconds[key])
@@ -201,6 +209,7 @@ def measure(args, pipes, prepared, baseline) -> dict:
                 samples[clock][key]["llm"].append(run[clock] - vision[clock])
                 samples[clock][key]["total"].append(run[clock])
             flops[key[1]] = out.accounting["rows"][0]["flops_ratio"]
+            tokens[key[1]] = layer_tokens(out, len(prepared["input_ids"][0]) - pipe.spec.num_visual)
         for name in ("forward", "language_model", "first_token"):
             run = timed(getattr(baseline, name))
             for clock in CLOCKS:
@@ -213,7 +222,91 @@ def measure(args, pipes, prepared, baseline) -> dict:
             medians[key]["llm_min"] = min(samples[clock][key]["llm"])
             medians[key]["flops_ratio"] = flops[key[1]]
         result[clock] = medians
-    return result
+    return result, tokens
+
+
+def layer_tokens(out, text_tokens: int) -> list[int]:
+    """The tokens entering each decoder layer in this run (batch row 0; the accounting's count)."""
+    return [text_tokens + visual for visual in out.accounting["rows"][0]["visual_per_layer_input"]]
+
+
+def linear_layer_shapes(config) -> list[tuple[int, int]]:
+    """(in, out) of one decoder layer's linear layers: q, k, v, o, gate, up, down."""
+    text = config.text_config
+    hidden, inner, head_dim = text.hidden_size, text.intermediate_size, getattr(text, "head_dim", None)
+    head_dim = head_dim or hidden // text.num_attention_heads
+    kv = text.num_key_value_heads * head_dim
+    q = text.num_attention_heads * head_dim
+    return [(hidden, q), (hidden, kv), (hidden, kv), (q, hidden), (hidden, inner), (hidden, inner), (inner, hidden)]
+
+
+def onnxruntime_linears(shapes, threads: int):
+    """A call running one decoder layer's linear layers as ONNX Runtime MatMuls on `rows` rows
+    (random weights: the time does not depend on the values), its session set up as the
+    bench's prefill sessions (`threads`, no spinning)."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sparsevlm.export.exporter import IR_VERSION  # the exported graphs' IR version
+    rng = np.random.default_rng(0)
+    inputs = {size: helper.make_tensor_value_info(f"x{size}", TensorProto.FLOAT, [1, "rows", size])
+              for size in sorted({k for k, _ in shapes})}
+    nodes, weights, outputs = [], [], []
+    for index, (k, n) in enumerate(shapes):
+        weights.append(numpy_helper.from_array(rng.standard_normal((k, n), dtype=np.float32) * 0.02, f"w{index}"))
+        nodes.append(helper.make_node("MatMul", [f"x{k}", f"w{index}"], [f"y{index}"]))
+        outputs.append(helper.make_tensor_value_info(f"y{index}", TensorProto.FLOAT, [1, "rows", n]))
+    graph = helper.make_graph(nodes, "linears", list(inputs.values()), outputs, weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+    def runner(rows: int):
+        feeds = {f"x{size}": rng.standard_normal((1, rows, size), dtype=np.float32) for size in inputs}
+        return lambda: session.run(None, feeds)
+    return runner
+
+
+def linear_layers_bound(model, tokens: dict, repeats: int, threads: int) -> list[dict]:
+    """What the GEMM libraries allow: per setting and backend, the decoder's linear layers alone
+    (q, k, v, o, gate, up, down) run at each layer's token count, against the unpruned counts:
+    torch on the torch backend's own modules (oneDNN-packed on the CPU), ONNX Runtime as
+    MatMuls of the same shapes. `linear efficiency` = the linear layers' FLOPs ratio (the
+    tokens' ratio: their FLOPs are linear in the tokens) / their time ratio. Where it is below
+    0.9, the GEMM's own throughput at those row counts, not the toolkit, keeps the setting's
+    efficiency below 0.9 (attention and the small ops come on top)."""
+    from sparsevlm.methods.modeling import language_model
+    layer = language_model(model).layers[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    shapes = linear_layer_shapes(model.config)
+
+    def torch_runner(rows: int):
+        x = {size: torch.randn(1, rows, size) for size in {k for k, _ in shapes}}
+        modules = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+
+        def linears():
+            with torch.inference_mode():
+                for module, (k, _) in zip(modules, shapes):
+                    module(x[k])
+        return linears
+    out = []
+    for backend, runner in (("onnxruntime", onnxruntime_linears(shapes, threads)), ("torch", torch_runner)):
+        seconds = {}
+        for rows in sorted({count for counts in tokens.values() for count in counts}):
+            call = runner(rows)
+            call()
+            seconds[rows] = min(timed(call)["wall"] for _ in range(max(5, repeats)))
+        base_tokens, base_time = sum(tokens["unpruned"]), sum(seconds[n] for n in tokens["unpruned"])
+        for label, counts in tokens.items():
+            elapsed = sum(seconds[n] for n in counts)
+            token_ratio, time_ratio = sum(counts) / base_tokens, elapsed / base_time
+            out.append({"backend": backend, "setting": label, "linear ms": elapsed * 1e3, "tokens ratio": token_ratio,
+                        "time ratio": time_ratio, "linear efficiency": token_ratio / time_ratio})
+    return out
 
 
 def table_rows(medians: dict, settings) -> list[dict]:
@@ -243,7 +336,7 @@ def table_rows(medians: dict, settings) -> list[dict]:
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[dict], columns: list[str] = COLUMNS) -> str:
     """A markdown table (the README's measurement table is pasted from it)."""
     def cell(value):
         if value is None:
@@ -251,8 +344,8 @@ def format_table(rows: list[dict]) -> str:
         if isinstance(value, float):
             return f"{value:.1f}" if value >= 10 else f"{value:.4g}"  # 4 digits: small ratios stay exact enough
         return str(value)
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cell(row.get(column)) for column in COLUMNS) + " |" for row in rows]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(column)) for column in columns) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -262,7 +355,8 @@ def main(argv=None) -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-speed-"))
     pipes, prepared, baseline = build(args, work)
     load_before = os.getloadavg()[0]
-    measured = measure(args, pipes, prepared, baseline)
+    measured, tokens = measure(args, pipes, prepared, baseline)
+    bound = linear_layers_bound(pipes["torch", "unpruned"].executor.model, tokens, args.repeats, args.threads)
     load_after = os.getloadavg()[0]
     tables = {clock: table_rows(measured[clock], args.settings) for clock in CLOCKS}
     print(f"\nLLaVA-shaped random model: Llama {args.layers} layers, hidden {args.hidden}; prompt "
@@ -273,8 +367,10 @@ def main(argv=None) -> None:
                                                           "than elapsed time when other processes load the machine)")):
         print(f"\n{clock}: {title}\n")
         print(format_table(tables[clock]), flush=True)
+    print("\nlinear layers alone (elapsed, fastest of the repeats; each setting's per-layer token counts):\n")
+    print(format_table(bound, LINEAR_COLUMNS), flush=True)
     if args.json:
-        args.json.write_text(json.dumps(tables, indent=1))
+        args.json.write_text(json.dumps({**tables, "linear_layers": bound}, indent=1))
     if args.profile:
         from profile_prefill import print_breakdown  # benchmarks/profile_prefill.py
         for label, _ in args.settings:

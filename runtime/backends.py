@@ -163,15 +163,17 @@ def _bindable(tensor: torch.Tensor, numpy_type) -> torch.Tensor:
 
 
 def torch_executor(artifact: Artifact, model: str | None = None, device: str = "cpu"):
-    """The PyTorch reference on the manifest's checkpoint (or `model`), same plan."""
+    """The PyTorch reference on the manifest's checkpoint (or `model`), same plan. On the CPU
+    in float32 its linear layers run on oneDNN-packed weights (`methods/cpu_linear.py`)."""
     from sparsevlm.export.exporter import config_sha256
+    from sparsevlm.methods.cpu_linear import with_packed_linears
     from sparsevlm.methods.generation import TorchExecutor
     from sparsevlm.methods.loading import load_model
     torch_model, _ = load_model(model or artifact.manifest["model"]["source"], dtype=artifact.manifest["dtype"],
                                 device=device)
     if config_sha256(torch_model) != artifact.manifest["model"]["config_sha256"]:
         raise ArtifactError("model: the checkpoint's config differs from the one the artifact was exported from")
-    return TorchExecutor(torch_model, artifact.plan)
+    return TorchExecutor(with_packed_linears(torch_model), artifact.plan)  # the unpacked weights go with torch_model
 
 
 # ---------------------------------------------------------------------------------------------

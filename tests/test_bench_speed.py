@@ -16,27 +16,58 @@ COLUMNS = ["backend", "setting", "LLM prefill ms", "time ratio", "FLOPs ratio", 
 SETTINGS = ["unpruned", "SparseVLM v1.5 64", "FasterVLM 95%"]
 
 
+LINEAR_COLUMNS = ["backend", "setting", "linear ms", "tokens ratio", "time ratio", "linear efficiency"]
+
+
 @pytest.fixture(scope="module")
-def table(tmp_path_factory) -> list[dict]:
+def stdout(tmp_path_factory) -> list[str]:
     work = tmp_path_factory.mktemp("bench-speed")
     result = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--work", str(work)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    # The first table (elapsed time); the CPU-time table follows it after a blank line.
-    stdout = result.stdout.splitlines()
-    first = next(i for i, line in enumerate(stdout) if line.startswith("|"))
-    lines = stdout[first:stdout.index("", first)]
-    assert sum(line.startswith("| backend |") for line in stdout) == 2  # both clocks' tables
-    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
-    assert header == COLUMNS
+    return result.stdout.splitlines()
+
+
+def parse_table(stdout: list[str], first: int, columns: list[str]) -> list[dict]:
+    """The markdown table starting at line `first`, its cells as numbers where they are."""
+    end = stdout.index("", first) if "" in stdout[first:] else len(stdout)
+    lines = stdout[first:end]
+    assert [cell.strip() for cell in lines[0].strip("|").split("|")] == columns
     assert set(lines[1].replace("|", "")) == {"-"}
     rows = []
     for line in lines[2:]:
         cells = [cell.strip() for cell in line.strip("|").split("|")]
-        assert len(cells) == len(COLUMNS), line
+        assert len(cells) == len(columns), line
         rows.append({column: (cell if column in ("backend", "setting") else float(cell) if cell else None)
-                     for column, cell in zip(COLUMNS, cells)})
+                     for column, cell in zip(columns, cells)})
     return rows
+
+
+@pytest.fixture(scope="module")
+def table(stdout) -> list[dict]:
+    # The first table (elapsed time); the CPU-time table follows it after a blank line.
+    assert sum(line.startswith("| backend | setting | LLM prefill ms |") for line in stdout) == 2  # both clocks' tables
+    return parse_table(stdout, next(i for i, line in enumerate(stdout) if line.startswith("|")), COLUMNS)
+
+
+def test_linear_layers_table(stdout, table):
+    """The GEMM-only bound: each setting's linear layers at its layer token counts; the tokens
+    ratio is the accounting's (the same counts the FLOPs ratio comes from), the efficiency the
+    printed ratio of ratios."""
+    title = next(i for i, line in enumerate(stdout) if line.startswith("linear layers alone"))
+    rows = by_key(parse_table(stdout, title + 2, LINEAR_COLUMNS))
+    assert list(rows) == [(backend, setting) for backend in ("onnxruntime", "torch") for setting in SETTINGS]
+    flops = by_key(table)
+    for backend in ("onnxruntime", "torch"):
+        assert rows[backend, "unpruned"]["tokens ratio"] == rows[backend, "unpruned"]["time ratio"] == 1.0
+        for setting in SETTINGS[1:]:
+            row = rows[backend, setting]
+            assert 0 < row["tokens ratio"] < 1 and row["linear ms"] > 0
+            assert row["tokens ratio"] == rows["torch", setting]["tokens ratio"]  # the same run's counts
+            assert math.isclose(row["linear efficiency"], row["tokens ratio"] / row["time ratio"], rel_tol=0.01)
+            # the linear layers' FLOPs fall with the tokens, the attention's faster: tokens >= FLOPs ratio
+            assert row["tokens ratio"] >= flops[backend, setting]["FLOPs ratio"]
+        assert rows[backend, "FasterVLM 95%"]["tokens ratio"] < rows[backend, "SparseVLM v1.5 64"]["tokens ratio"]
 
 
 def by_key(rows):
