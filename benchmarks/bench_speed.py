@@ -240,10 +240,10 @@ def linear_layer_shapes(config) -> list[tuple[int, int]]:
     return [(hidden, q), (hidden, kv), (hidden, kv), (q, hidden), (hidden, inner), (hidden, inner), (inner, hidden)]
 
 
-def onnxruntime_linears(shapes, threads: int):
+def onnxruntime_linears(shapes, options):
     """A call running one decoder layer's linear layers as ONNX Runtime MatMuls on `rows` rows
-    (random weights: the time does not depend on the values), its session set up as the
-    bench's prefill sessions (`threads`, no spinning)."""
+    (random weights: the time does not depend on the values), its session created with
+    `options` (the bench passes its prefill sessions' own)."""
     import numpy as np
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
@@ -259,10 +259,6 @@ def onnxruntime_linears(shapes, threads: int):
         outputs.append(helper.make_tensor_value_info(f"y{index}", TensorProto.FLOAT, [1, "rows", n]))
     graph = helper.make_graph(nodes, "linears", list(inputs.values()), outputs, weights)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 3
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
     def runner(rows: int):
@@ -271,7 +267,7 @@ def onnxruntime_linears(shapes, threads: int):
     return runner
 
 
-def linear_layers_bound(model, tokens: dict, repeats: int, threads: int) -> list[dict]:
+def linear_layers_bound(model, tokens: dict, repeats: int, ort_options) -> list[dict]:
     """What the GEMM libraries allow: per setting and backend, the decoder's linear layers alone
     (q, k, v, o, gate, up, down) run at each layer's token count, against the unpruned counts:
     torch on the torch backend's own modules (oneDNN-packed on the CPU), ONNX Runtime as
@@ -294,7 +290,7 @@ def linear_layers_bound(model, tokens: dict, repeats: int, threads: int) -> list
                     module(x[k])
         return linears
     out = []
-    for backend, runner in (("onnxruntime", onnxruntime_linears(shapes, threads)), ("torch", torch_runner)):
+    for backend, runner in (("onnxruntime", onnxruntime_linears(shapes, ort_options)), ("torch", torch_runner)):
         seconds = {}
         for rows in sorted({count for counts in tokens.values() for count in counts}):
             call = runner(rows)
@@ -356,7 +352,8 @@ def main(argv=None) -> None:
     pipes, prepared, baseline = build(args, work)
     load_before = os.getloadavg()[0]
     measured, tokens = measure(args, pipes, prepared, baseline)
-    bound = linear_layers_bound(pipes["torch", "unpruned"].executor.model, tokens, args.repeats, args.threads)
+    bound = linear_layers_bound(pipes["torch", "unpruned"].executor.model, tokens, args.repeats,
+                                pipes["onnxruntime", "unpruned"].executor.session_options("segment_0"))
     load_after = os.getloadavg()[0]
     tables = {clock: table_rows(measured[clock], args.settings) for clock in CLOCKS}
     print(f"\nLLaVA-shaped random model: Llama {args.layers} layers, hidden {args.hidden}; prompt "
