@@ -64,6 +64,8 @@ def with_packed_linears(model: nn.Module) -> nn.Module:
     packed = copy.deepcopy(model, memo=shared)  # new modules, the same tensors
     for parent in list(packed.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:  # exactly nn.Linear: subclasses may change forward
+            # exactly nn.Linear (subclasses may change forward), float32 on the CPU (a model
+            # may hold other dtypes in places)
+            if type(child) is nn.Linear and child.weight.dtype == torch.float32 and child.weight.device.type == "cpu":
                 setattr(parent, name, PackedLinear(child))
     return packed

@@ -53,6 +53,9 @@ def test_packing_applies_to_float32_on_the_cpu_only():
     assert with_packed_linears(model.to(torch.bfloat16)) is model
     assert with_packed_linears(model.to(torch.float64)) is model
     assert isinstance(with_packed_linears(model.to(torch.float32))[0], PackedLinear)
+    mixed = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4).to(torch.bfloat16))
+    packed = with_packed_linears(mixed)
+    assert isinstance(packed[0], PackedLinear) and type(packed[1]) is nn.Linear
 
 
 def _llava_prefill(vlm, encoded_rows):
