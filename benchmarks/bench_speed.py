@@ -230,16 +230,6 @@ def layer_tokens(out, text_tokens: int) -> list[int]:
     return [text_tokens + visual for visual in out.accounting["rows"][0]["visual_per_layer_input"]]
 
 
-def linear_layer_shapes(config) -> list[tuple[int, int]]:
-    """(in, out) of one decoder layer's linear layers: q, k, v, o, gate, up, down."""
-    text = config.text_config
-    hidden, inner, head_dim = text.hidden_size, text.intermediate_size, getattr(text, "head_dim", None)
-    head_dim = head_dim or hidden // text.num_attention_heads
-    kv = text.num_key_value_heads * head_dim
-    q = text.num_attention_heads * head_dim
-    return [(hidden, q), (hidden, kv), (hidden, kv), (q, hidden), (hidden, inner), (hidden, inner), (inner, hidden)]
-
-
 def onnxruntime_linears(shapes, options):
     """A call running one decoder layer's linear layers as ONNX Runtime MatMuls on `rows` rows
     (random weights: the time does not depend on the values), its session created with
@@ -278,11 +268,11 @@ def linear_layers_bound(model, tokens: dict, repeats: int, ort_options) -> list[
     from sparsevlm.methods.modeling import language_model
     layer = language_model(model).layers[0]
     attn, mlp = layer.self_attn, layer.mlp
-    shapes = linear_layer_shapes(model.config)
+    modules = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    shapes = [(module.in_features, module.out_features) for module in modules]  # nn.Linear or PackedLinear
 
     def torch_runner(rows: int):
         x = {size: torch.randn(1, rows, size) for size in {k for k, _ in shapes}}
-        modules = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
 
         def linears():
             with torch.inference_mode():
