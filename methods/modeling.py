@@ -106,6 +106,19 @@ def prefill_mask(key_valid: torch.Tensor) -> torch.Tensor:
     return ((causal[None] & key_valid[:, None, :]) | itself[None])[:, None]
 
 
+def prefill_attention_mask(key_valid: torch.Tensor) -> torch.Tensor | None:
+    """The mask `decoder_layer` gets in prefill: `prefill_mask(key_valid)`, or None when every
+    token of every row is valid and the model runs eagerly. None makes SDPA take `is_causal`:
+    the same result (the same kernel on the CPU, bit for bit there), but it skips the masked
+    upper half (5 % faster at 608 tokens on the 2-core CI machine, 8 % at 2000) and lets CUDA
+    use FlashAttention, which an explicit mask rules out. A traced graph always takes the
+    explicit mask: its inputs may hold padding when it runs."""
+    tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    if not tracing and bool(key_valid.all()):
+        return None
+    return prefill_mask(key_valid)
+
+
 def positions_from_valid(key_valid: torch.Tensor) -> torch.Tensor:
     """Contiguous positions 0..n-1 over each row's valid tokens (padding gets 0)."""
     return (torch.cumsum(key_valid.long(), dim=1) - 1).clamp_min(0)
@@ -145,7 +158,8 @@ def attend_past_and_new(q, key, value, past_key, past_value, past_valid, scaling
 def decoder_layer(layer, hidden, cos, sin, mask, past=None, score_rows: tuple[int, int] | None = None):
     """One Llama decoder layer with explicit mask and rotary tables.
 
-    Prefill (past None): mask [B, 1, S, S] bool (`prefill_mask`).
+    Prefill (past None): mask [B, 1, S, S] bool (`prefill_mask`), or None for plain causal
+        attention over all tokens (`prefill_attention_mask`).
     Decode (one token): past is (key, value) [B, H_kv, C, hd], the cache buffers at their
         capacity, and mask [B, C] bool the valid cache columns (`attend_past_and_new`).
     score_rows: (start, stop) of query rows whose head-mean post-softmax attention
@@ -163,13 +177,16 @@ def decoder_layer(layer, hidden, cos, sin, mask, past=None, score_rows: tuple[in
     if past is None:
         keys_r = repeat_kv(k, attn.num_key_value_groups)
         values_r = repeat_kv(v, attn.num_key_value_groups)
-        out = F.scaled_dot_product_attention(q, keys_r, values_r, attn_mask=mask, scale=attn.scaling)
+        out = F.scaled_dot_product_attention(q, keys_r, values_r, attn_mask=mask, is_causal=mask is None,
+                                             scale=attn.scaling)
     else:  # decode: the cache is read in place, never concatenated with the new entries
         out = attend_past_and_new(q, k, v, past[0], past[1], mask, attn.scaling)
 
     probs = None
     if score_rows is not None:
         start, stop = score_rows
+        if mask is None:
+            mask = prefill_mask(torch.ones(batch, seq, dtype=torch.bool, device=x.device))
         logits = (q[:, :, start:stop] @ keys_r.transpose(-1, -2)).float() * attn.scaling
         logits = logits.masked_fill(~mask[:, :, start:stop], float("-inf"))
         probs = torch.softmax(logits, dim=-1).mean(dim=1)

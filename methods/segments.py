@@ -213,7 +213,7 @@ class PrefillSegment(nn.Module):
 
         hidden = state["hidden"]
         cos, sin = modeling.rotary(model, hidden, qwen2_5_vl.as_rotary(positions) if plan.mrope else positions)
-        mask = modeling.prefill_mask(key_valid)
+        mask = modeling.prefill_attention_mask(key_valid)
         text_start = prefix_width + visual_width
         out = {}
         probs = None
