@@ -20,8 +20,9 @@ timed on two clocks and printed as two tables: elapsed time, and this process's 
 `efficiency (fastest runs)` column uses each setting's fastest run instead of the median.
 The torch backend runs as the runtime runs it on the CPU, its linear layers on oneDNN-packed
 weights (methods/cpu_linear.py). A third table times the decoder's linear layers alone at
-each setting's per-layer token counts: how far the GEMM library itself lets the time follow
-the tokens at those row counts (`linear efficiency`), the bound under the end-to-end figures.
+each setting's per-layer token counts, every layer on its own weights (read from memory as
+in the model): how far the GEMM library itself lets the time follow the tokens at those row
+counts (`linear efficiency`), the bound under the end-to-end figures.
 
 The model is a random LLaVA-1.5-shaped checkpoint built in code (the demo architecture
 widened: CLIP 336/14 with 576 patches, a Llama of `--layers` x `--hidden`, MLP 2 x hidden).
@@ -230,68 +231,86 @@ def layer_tokens(out, text_tokens: int) -> list[int]:
     return [text_tokens + visual for visual in out.accounting["rows"][0]["visual_per_layer_input"]]
 
 
-def onnxruntime_linears(shapes, options):
-    """A call running one decoder layer's linear layers as ONNX Runtime MatMuls on `rows` rows
-    (random weights: the time does not depend on the values), its session created with
-    `options` (the bench passes its prefill sessions' own)."""
+def decoder_linears(model) -> list[tuple]:
+    """Every decoder layer's linear modules in the order a layer runs them (q, k, v, o, gate,
+    up, down): nn.Linear, or PackedLinear on the torch backend's CPU model."""
+    from sparsevlm.methods.modeling import language_model
+    return [(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+             layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj) for layer in language_model(model).layers]
+
+
+def onnxruntime_linears(layer_shapes, options):
+    """A call factory running every layer's linear layers as ONNX Runtime MatMuls, layer l on
+    `counts[l]` rows, in one session created with `options` (the bench passes its prefill
+    sessions' own). Each layer has its own random weights (the time does not depend on the
+    values, but on reading every layer's weights from memory, as the model does)."""
     import numpy as np
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     from sparsevlm.export.exporter import IR_VERSION  # the exported graphs' IR version
     rng = np.random.default_rng(0)
-    inputs = {size: helper.make_tensor_value_info(f"x{size}", TensorProto.FLOAT, [1, "rows", size])
-              for size in sorted({k for k, _ in shapes})}
-    nodes, weights, outputs = [], [], []
-    for index, (k, n) in enumerate(shapes):
-        weights.append(numpy_helper.from_array(rng.standard_normal((k, n), dtype=np.float32) * 0.02, f"w{index}"))
-        nodes.append(helper.make_node("MatMul", [f"x{k}", f"w{index}"], [f"y{index}"]))
-        outputs.append(helper.make_tensor_value_info(f"y{index}", TensorProto.FLOAT, [1, "rows", n]))
+    inputs, nodes, weights, outputs = {}, [], [], []
+    for layer, shapes in enumerate(layer_shapes):
+        for index, (k, n) in enumerate(shapes):
+            x = f"x{layer}_{k}"
+            inputs.setdefault(x, helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, f"rows{layer}", k]))
+            weights.append(numpy_helper.from_array(rng.standard_normal((k, n), dtype=np.float32) * 0.02,
+                                                   f"w{layer}_{index}"))
+            nodes.append(helper.make_node("MatMul", [x, f"w{layer}_{index}"], [f"y{layer}_{index}"]))
+            outputs.append(helper.make_tensor_value_info(f"y{layer}_{index}", TensorProto.FLOAT, [1, f"rows{layer}", n]))
     graph = helper.make_graph(nodes, "linears", list(inputs.values()), outputs, weights)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    del model, weights
 
-    def runner(rows: int):
-        feeds = {f"x{size}": rng.standard_normal((1, rows, size), dtype=np.float32) for size in inputs}
+    def runner(counts: list[int]):
+        feeds = {name: rng.standard_normal((1, counts[int(name[1:].split("_")[0])], int(name.split("_")[1])),
+                                           dtype=np.float32) for name in inputs}
         return lambda: session.run(None, feeds)
     return runner
 
 
 def linear_layers_bound(model, tokens: dict, repeats: int, ort_options) -> list[dict]:
     """What the GEMM libraries allow: per setting and backend, the decoder's linear layers alone
-    (q, k, v, o, gate, up, down) run at each layer's token count, against the unpruned counts:
-    torch on the torch backend's own modules (oneDNN-packed on the CPU), ONNX Runtime as
-    MatMuls of the same shapes. `linear efficiency` = the linear layers' FLOPs ratio (the
-    tokens' ratio: their FLOPs are linear in the tokens) / their time ratio. Where it is below
-    0.9, the GEMM's own throughput at those row counts, not the toolkit, keeps the setting's
-    efficiency below 0.9 (attention and the small ops come on top)."""
-    from sparsevlm.methods.modeling import language_model
-    layer = language_model(model).layers[0]
-    attn, mlp = layer.self_attn, layer.mlp
-    modules = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-    shapes = [(module.in_features, module.out_features) for module in modules]  # nn.Linear or PackedLinear
+    (q, k, v, o, gate, up, down of every layer, each layer at its own token count), against
+    the unpruned counts: torch on the torch backend's own modules (oneDNN-packed on the CPU),
+    ONNX Runtime as MatMuls of the same shapes. Every layer reads its own weights, so the
+    weights stream from memory as in the model (one layer's weights alone would stay in the
+    cache and flatter small row counts). Settings are interleaved; each one's fastest run.
+    `linear efficiency` = the linear layers' FLOPs ratio (the tokens' ratio: their FLOPs are
+    linear in the tokens) / their time ratio. Where it is below 0.9, the GEMM's own
+    throughput at those row counts, not the toolkit, keeps the setting's efficiency below 0.9
+    (attention and the small ops come on top)."""
+    layers = decoder_linears(model)
+    layer_shapes = [[(module.in_features, module.out_features) for module in modules] for modules in layers]
 
-    def torch_runner(rows: int):
-        x = {size: torch.randn(1, rows, size) for size in {k for k, _ in shapes}}
+    def torch_runner(counts: list[int]):
+        x = [{k: torch.randn(1, rows, k) for k, _ in shapes} for rows, shapes in zip(counts, layer_shapes)]
 
         def linears():
             with torch.inference_mode():
-                for module, (k, _) in zip(modules, shapes):
-                    module(x[k])
+                for modules, shapes, inputs in zip(layers, layer_shapes, x):
+                    for module, (k, _) in zip(modules, shapes):
+                        module(inputs[k])
         return linears
     out = []
-    for backend, runner in (("onnxruntime", onnxruntime_linears(shapes, ort_options)), ("torch", torch_runner)):
-        seconds = {}
-        for rows in sorted({count for counts in tokens.values() for count in counts}):
-            call = runner(rows)
+    for backend, runner in (("onnxruntime", onnxruntime_linears(layer_shapes, ort_options)), ("torch", torch_runner)):
+        calls = {label: runner(counts) for label, counts in tokens.items()}
+        for call in calls.values():
             call()
-            seconds[rows] = min(timed(call)["wall"] for _ in range(max(5, repeats)))
-        base_tokens, base_time = sum(tokens["unpruned"]), sum(seconds[n] for n in tokens["unpruned"])
+        seconds = {label: [] for label in calls}
+        for _ in range(max(5, repeats)):
+            for label, call in calls.items():
+                seconds[label].append(timed(call)["wall"])
+        base_tokens, base_time = sum(tokens["unpruned"]), min(seconds["unpruned"])
         for label, counts in tokens.items():
-            elapsed = sum(seconds[n] for n in counts)
+            elapsed = min(seconds[label])
             token_ratio, time_ratio = sum(counts) / base_tokens, elapsed / base_time
             out.append({"backend": backend, "setting": label, "linear ms": elapsed * 1e3, "tokens ratio": token_ratio,
                         "time ratio": time_ratio, "linear efficiency": token_ratio / time_ratio})
+        del calls
+        gc.collect()
     return out
 
 
