@@ -12,7 +12,7 @@ the width of the next visual region) are made here, once, for every backend.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import numpy as np
@@ -351,7 +351,9 @@ def decode_tokens(executor, specs: list[SegmentSpec], result: PrefillResult, par
 
     Before the first decode step each segment's cache is copied once into a buffer with room
     for every token still to come (`decode_cache.DecodeCache`; the executor's `cache_buffer`
-    allocates it where it has one); each step then writes only the new entries in place."""
+    allocates it where it has one); each step then writes only the new entries in place.
+    From then on this generator holds no reference to `result`: where the caller holds none
+    either (`generate` drops its own), the prefill's cache tensors are freed for the decode."""
     generator = None
     if params.temperature > 0:
         generator = torch.Generator().manual_seed(0 if params.seed is None else params.seed)
@@ -367,9 +369,10 @@ def decode_tokens(executor, specs: list[SegmentSpec], result: PrefillResult, par
             return
         if not caches:  # step 0: room for the max_new_tokens - 1 tokens fed back
             allocate = getattr(executor, "cache_buffer", torch_buffer)
-            for spec, cache in zip(specs, result.caches):
-                caches.append(DecodeCache.from_prefill(spec.index, cache.key_valid, cache.next_position, cache.kv,
-                                                       params.max_new_tokens - 1, allocate))
+            caches = [DecodeCache.from_prefill(spec.index, cache.key_valid, cache.next_position, cache.kv,
+                                               params.max_new_tokens - 1, allocate)
+                      for spec, cache in zip(specs, result.caches)]
+            result = None  # copied: the prefill's cache tensors are not needed any more
         inputs = {"token_ids": tokens[:, None]}
         for cache in caches:
             inputs.update(cache.graph_inputs())
@@ -459,7 +462,6 @@ def build_batch(spec: ModelSpec, input_ids: list[list[int]], pixel_values, image
 
 def mrope_region_batch(batch: RegionBatch, spec: ModelSpec, image_grid_thw) -> RegionBatch:
     """`batch` with the mRoPE ids of its regions (Qwen2.5-VL; docs/qwen2_5_vl.md)."""
-    from dataclasses import replace
     from .qwen2_5_vl import llm_grids, region_positions
     positions, _ = region_positions(batch.prefix_valid, llm_grids(image_grid_thw, spec.spatial_merge_size),
                                     max(batch.visual_counts), batch.text_valid)
@@ -480,9 +482,13 @@ def generate(executor, plan: PrunePlan, input_ids: list[list[int]], pixel_values
 
     vision_in, counts, batch = build_batch(spec, input_ids, pixel_values, image_sizes)
     result = prefill(executor, plan, batch, vision_in, width_policy)
+    decode = decode_tokens(executor, plan_segments(plan), result, params, spec.pad_token_id)
+    # The decode loop copies the prefill caches into its buffers; without a reference here
+    # they are freed then, instead of doubling the cache memory until this call returns.
+    result = replace(result, caches=[])
     steps = []
     t0 = time.perf_counter()
-    for step, tokens in enumerate(decode_tokens(executor, plan_segments(plan), result, params, spec.pad_token_id)):
+    for step, tokens in enumerate(decode):
         steps.append(tokens)
         if on_token is not None:
             on_token(step, tokens)

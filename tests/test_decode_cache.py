@@ -6,6 +6,7 @@
 - The generation loop hands every decode step the same preallocated buffers (same storage,
   same shapes: each segment's own prefill width + the tokens to come), with exactly the
   written columns marked valid.
+- Once copied, the prefill's own cache tensors are freed: the decode holds the cache once.
 - The attention over [past buffer, new token] equals a softmax over the concatenated keys.
 - ONNX Runtime binds the buffers in place (I/O binding) and gives the torch method's logits
   for the same step; long decodes (twice the other tests' 32 tokens) give the tokens of
@@ -14,6 +15,9 @@
 """
 
 from __future__ import annotations
+
+import gc
+import weakref
 
 import onnx
 import pytest
@@ -134,6 +138,47 @@ def test_every_decode_step_gets_the_same_preallocated_buffers(make_vlm, encoded)
             assert torch.equal(got, want), f"step {step}, segment {segment}"
             for layer in vlm.executor.specs[segment].layers:
                 assert call[f"past.{layer}.key"].shape[2] == width + new_tokens - 1
+
+
+class _PresentWatcher:
+    """Passes calls through to `inner`, keeping a weak reference to every `present.*` tensor
+    its prefill segments return (the prefill's own caches)."""
+
+    def __init__(self, inner):
+        self.inner, self.presents = inner, []
+
+    def vision(self, pixel_values):
+        return self.inner.vision(pixel_values)
+
+    def segment(self, index, inputs):
+        out = self.inner.segment(index, inputs)
+        self.presents += [weakref.ref(value) for name, value in out.items() if name.startswith("present.")]
+        return out
+
+    def decode(self, inputs):
+        return self.inner.decode(inputs)
+
+
+def test_prefill_caches_are_freed_once_copied_into_the_decode_buffers(make_vlm, encoded):
+    """During the decode only the preallocated buffers hold the cache: by the second token
+    every cache tensor the prefill returned is gone (generate and its decode loop drop them
+    once copied), so the decode does not hold the cache twice."""
+    vlm = make_vlm(SparseVLMConfig(method="sparsevlm", variant="v1.5", budget=64))
+    ids = [row[0][0].tolist() for row in encoded[:2]]
+    pixels = torch.cat([row[1] for row in encoded[:2]])
+    watcher = _PresentWatcher(vlm.executor)
+    alive_at_step = {}
+
+    def on_token(step, tokens):
+        gc.collect()
+        alive_at_step[step] = sum(ref() is not None for ref in watcher.presents)
+
+    generation.generate(watcher, vlm.plan, ids, pixels, spec=vlm.spec, on_token=on_token,
+                        params=generation.SamplingParams(max_new_tokens=4, stop_token_ids=()))
+    layers = sum(len(spec.layers) for spec in vlm.executor.specs)
+    assert len(watcher.presents) == 2 * layers
+    assert alive_at_step[0] == 2 * layers  # token 0 comes from the prefill logits, before the copy
+    assert alive_at_step[1] == alive_at_step[2] == alive_at_step[3] == 0
 
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
