@@ -250,23 +250,24 @@ def onnxruntime_linears(layer_shapes, options):
 
     from sparsevlm.export.exporter import IR_VERSION  # the exported graphs' IR version
     rng = np.random.default_rng(0)
-    inputs, nodes, weights, outputs = {}, [], [], []
+    inputs, nodes, weights, outputs = {}, [], [], []  # inputs: name -> (layer, its width)
     for layer, shapes in enumerate(layer_shapes):
         for index, (k, n) in enumerate(shapes):
             x = f"x{layer}_{k}"
-            inputs.setdefault(x, helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, f"rows{layer}", k]))
+            inputs[x] = (layer, k)
             weights.append(numpy_helper.from_array(rng.standard_normal((k, n), dtype=np.float32) * 0.02,
                                                    f"w{layer}_{index}"))
             nodes.append(helper.make_node("MatMul", [x, f"w{layer}_{index}"], [f"y{layer}_{index}"]))
             outputs.append(helper.make_tensor_value_info(f"y{layer}_{index}", TensorProto.FLOAT, [1, f"rows{layer}", n]))
-    graph = helper.make_graph(nodes, "linears", list(inputs.values()), outputs, weights)
+    graph_inputs = [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, f"rows{layer}", k])
+                    for x, (layer, k) in inputs.items()]
+    graph = helper.make_graph(nodes, "linears", graph_inputs, outputs, weights)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     del model, weights
 
     def runner(counts: list[int]):
-        feeds = {name: rng.standard_normal((1, counts[int(name[1:].split("_")[0])], int(name.split("_")[1])),
-                                           dtype=np.float32) for name in inputs}
+        feeds = {x: rng.standard_normal((1, counts[layer], k), dtype=np.float32) for x, (layer, k) in inputs.items()}
         return lambda: session.run(None, feeds)
     return runner
 

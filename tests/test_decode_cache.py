@@ -140,23 +140,18 @@ def test_every_decode_step_gets_the_same_preallocated_buffers(make_vlm, encoded)
                 assert call[f"past.{layer}.key"].shape[2] == width + new_tokens - 1
 
 
-class _PresentWatcher:
-    """Passes calls through to `inner`, keeping a weak reference to every `present.*` tensor
-    its prefill segments return (the prefill's own caches)."""
+class _PresentWatcher(_DecodeInputs):
+    """`_DecodeInputs` that keeps only a weak reference to every `present.*` tensor the prefill
+    segments return (the prefill's own caches): a strong one would keep them alive."""
 
     def __init__(self, inner):
-        self.inner, self.presents = inner, []
-
-    def vision(self, pixel_values):
-        return self.inner.vision(pixel_values)
+        super().__init__(inner)
+        self.presents = []
 
     def segment(self, index, inputs):
         out = self.inner.segment(index, inputs)
         self.presents += [weakref.ref(value) for name, value in out.items() if name.startswith("present.")]
         return out
-
-    def decode(self, inputs):
-        return self.inner.decode(inputs)
 
 
 def test_prefill_caches_are_freed_once_copied_into_the_decode_buffers(make_vlm, encoded):
